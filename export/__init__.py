@@ -1,0 +1,1 @@
+"""qelalora.export: turns a trained run into ONNX graphs for ONNX Runtime."""

@@ -1,0 +1,183 @@
+"""Byte accounting for the adapters' training state (ElaLoRA spec, section 6).
+
+The budget covers what rank allocation controls: every trainable tensor's
+value, gradient and optimiser state, plus the two score EMAs of each adapter
+tensor. Costs are exact functions of tensor sizes for the configured
+optimiser, so the planner's prediction equals what `measure_adapter_bytes`
+reads off the real tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .layer import ElaLoRALinear
+
+FP32 = 4
+SCORE_BYTES_PER_ELEMENT = 2 * FP32  # Ibar and Ubar
+BNB_BLOCK = 256  # bitsandbytes' blockwise optimiser state block size
+BNB_QMAP_BYTES = 2 * 256 * FP32  # the two shared quantisation maps of an 8-bit optimiser
+
+
+@dataclass(frozen=True)
+class OptimizerCost:
+    """Bytes an optimiser keeps for one parameter tensor of n fp32 elements."""
+
+    name: str
+
+    def state_bytes(self, n: int) -> int:
+        if self.name == "adamw":
+            return 2 * FP32 * n + FP32  # exp_avg, exp_avg_sq, and the fp32 `step` scalar
+        if self.name == "adamw8bit":
+            return 2 * n + 2 * FP32 * math.ceil(n / BNB_BLOCK)  # uint8 moments + per-block absmax
+        raise ValueError(f"unknown optimiser {self.name!r}; choose 'adamw' or 'adamw8bit'")
+
+    def shared_bytes(self) -> int:
+        """State shared by all parameters (bitsandbytes' quantisation maps)."""
+        return BNB_QMAP_BYTES if self.name == "adamw8bit" else 0
+
+
+def tensor_train_bytes(n: int, opt: OptimizerCost, scored: bool) -> int:
+    """Value + gradient + optimiser state (+ score EMAs) of an n-element fp32 tensor."""
+    return 2 * FP32 * n + opt.state_bytes(n) + (SCORE_BYTES_PER_ELEMENT * n if scored else 0)
+
+
+def layer_bytes(d_in: int, d_out: int, rank: int, opt: OptimizerCost) -> int:
+    """Training-state bytes of one ElaLoRA layer at `rank`."""
+    return sum(tensor_train_bytes(n, opt, scored=True) for n in (rank * d_in, rank, d_out * rank))
+
+
+def head_bytes(numels: Iterable[int], opt: OptimizerCost) -> int:
+    """Training-state bytes of trained non-adapter tensors (e.g. a classifier head)."""
+    return sum(tensor_train_bytes(n, opt, scored=False) for n in numels)
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    d_in: int
+    d_out: int
+
+    @property
+    def max_rank(self) -> int:
+        return min(self.d_in, self.d_out)
+
+
+def adapter_bytes(shapes: Sequence[LayerShape], ranks: Sequence[int], opt: OptimizerCost, fixed: int) -> int:
+    """Predicted adapter-state bytes for a rank pattern (`fixed`: heads + shared state)."""
+    return fixed + sum(layer_bytes(s.d_in, s.d_out, r, opt) for s, r in zip(shapes, ranks))
+
+
+class BudgetError(ValueError):
+    """The budget cannot hold the requested adapters."""
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Initial ranks chosen from the budget, and why."""
+
+    rank: int
+    binding: str  # which limit set the rank: "budget", "max_init_rank", "layer width", "requested"
+    adapter_bytes: int
+    budget_bytes: int
+    min_budget_bytes: int
+
+    @property
+    def budget_used(self) -> float:
+        return self.adapter_bytes / self.budget_bytes
+
+
+def mib(n_bytes: int | float) -> float:
+    return n_bytes / 2**20
+
+
+def plan_initial_rank(
+    shapes: Sequence[LayerShape],
+    budget_bytes: int,
+    opt: OptimizerCost,
+    fixed: int,
+    rank: int | str = "auto",
+    max_init_rank: int = 64,
+    r_min: int = 1,
+) -> RankPlan:
+    """The uniform initial rank r0 for every layer, from the byte budget.
+
+    `rank="auto"`: the largest r0 that fits, capped by `max_init_rank` and by the
+    narrowest layer's min(d_in, d_out). `rank=N`: N, if it fits.
+    """
+    if not shapes:
+        raise BudgetError("no target layers were found to adapt")
+    floor_rank = max(r_min, 1)
+    min_budget = adapter_bytes(shapes, [floor_rank] * len(shapes), opt, fixed)
+    if min_budget > budget_bytes:
+        raise BudgetError(
+            f"a budget of {mib(budget_bytes):.2f} MiB cannot give each of the {len(shapes)} target layers "
+            f"rank {floor_rank}: the smallest workable budget is {math.ceil(mib(min_budget) * 100) / 100:.2f} MiB "
+            f"(--budget-mb {math.ceil(mib(min_budget) * 100) / 100:.2f}); raise the budget or adapt fewer layers"
+        )
+    width_cap = min(s.max_rank for s in shapes)
+    if rank != "auto":
+        rank = int(rank)
+        if rank > width_cap:
+            raise BudgetError(f"rank {rank} exceeds the narrowest target layer's min(d_in, d_out) = {width_cap}")
+        used = adapter_bytes(shapes, [rank] * len(shapes), opt, fixed)
+        if used > budget_bytes:
+            raise BudgetError(
+                f"rank {rank} needs {mib(used):.2f} MiB of adapter state but the budget is "
+                f"{mib(budget_bytes):.2f} MiB; lower the rank or use rank: auto"
+            )
+        return RankPlan(rank, "requested", used, budget_bytes, min_budget)
+    cap = min(max_init_rank, width_cap)
+    best = floor_rank
+    # Costs grow monotonically with rank: find the largest fitting rank by bisection.
+    lo, hi = floor_rank, cap
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if adapter_bytes(shapes, [mid] * len(shapes), opt, fixed) <= budget_bytes:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    if best < cap:
+        binding = "budget"
+    else:
+        binding = "max_init_rank" if max_init_rank <= width_cap else "layer width"
+    used = adapter_bytes(shapes, [best] * len(shapes), opt, fixed)
+    return RankPlan(best, binding, used, budget_bytes, min_budget)
+
+
+def measure_adapter_bytes(
+    layers: Sequence[ElaLoRALinear], extra_params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer | None
+) -> int:
+    """Adapter-state bytes read off the real tensors.
+
+    Counts each trainable tensor's value, its gradient as the same size (it
+    exists at the step's peak, whether or not it is allocated right now), every
+    tensor in its optimiser state (shared ones once), and the score EMAs.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def count(t: torch.Tensor) -> None:
+        nonlocal total
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.numel() * t.element_size()
+
+    params = [p for layer in layers for p in layer.adapter_params()] + list(extra_params)
+    for p in params:
+        total += 2 * p.numel() * p.element_size()
+        if optimizer is not None:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value):
+                    count(value)
+    for layer in layers:
+        for name in ("lora_A", "lora_E", "lora_B"):
+            for buf in layer.score_buffers(name):
+                total += buf.numel() * buf.element_size()
+    return total

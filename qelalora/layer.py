@@ -1,0 +1,107 @@
+"""The ElaLoRA layer: a frozen (NF4 or plain) linear plus a variable-rank branch.
+
+    h = W0 x + b + s * B diag(E) A x,    s = alpha / r0
+
+The rank r is the number of triplets (row A[i], E[i], column B[:, i]). It
+changes only through `qelalora.resizer`, which replaces the tensors behind the
+same `nn.Parameter` objects, so optimisers keep tracking them. Each adapter
+tensor has two score buffers (sensitivity and uncertainty EMAs) of its shape,
+kept here so that they move with the module and are resized with it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ADAPTER_TENSORS = ("lora_A", "lora_E", "lora_B")
+# Dimension along which each adapter tensor holds its triplets.
+TRIPLET_DIM = {"lora_A": 0, "lora_E": 0, "lora_B": 1}
+
+
+def base_weight_shape(base: nn.Module) -> tuple[int, int]:
+    """(d_out, d_in) of an nn.Linear or a bitsandbytes Linear4bit."""
+    return base.out_features, base.in_features
+
+
+def dequantized_base_weight(base: nn.Module) -> torch.Tensor:
+    """The base weight as a dense fp32 matrix (dequantised if it is NF4)."""
+    weight = base.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:
+        return weight.detach().float()
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(weight.data, quant_state).float()
+
+
+class ElaLoRALinear(nn.Module):
+    """A frozen base linear with an ElaLoRA branch of rank `rank`."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        init_std: float = 0.02,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"initial rank must be >= 1, got {rank}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        d_out, d_in = base_weight_shape(base)
+        self.in_features, self.out_features = d_in, d_out
+        self.r0 = rank
+        self.alpha = float(alpha)
+        self.scaling = self.alpha / rank  # fixed for the layer's lifetime
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, d_in, device=device))
+        self.lora_E = nn.Parameter(torch.zeros(rank, device=device))
+        self.lora_B = nn.Parameter(torch.empty(d_out, rank, device=device))
+        with torch.no_grad():
+            self.lora_A.normal_(0.0, init_std, generator=generator)
+            self.lora_B.normal_(0.0, init_std, generator=generator)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        for name in ADAPTER_TENSORS:
+            param = getattr(self, name)
+            self.register_buffer(f"{name}_ibar", torch.zeros_like(param), persistent=False)
+            self.register_buffer(f"{name}_ubar", torch.zeros_like(param), persistent=False)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_E.shape[0]
+
+    def adapter_params(self) -> list[nn.Parameter]:
+        return [self.lora_A, self.lora_E, self.lora_B]
+
+    def score_buffers(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"{name}_ibar"), getattr(self, f"{name}_ubar")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        if self.rank == 0:
+            return out
+        h = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)
+        h = F.linear(h * (self.lora_E * self.scaling), self.lora_B)
+        return out + h.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s * B diag(E) A, the dense update this branch adds to W0."""
+        return (self.lora_B * (self.lora_E * self.scaling)) @ self.lora_A
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """||A A^T - I||_F + ||B^T B - I||_F (zero for a rank-0 layer)."""
+        if self.rank == 0:
+            return self.lora_A.new_zeros(())
+        eye = torch.eye(self.rank, device=self.lora_A.device, dtype=self.lora_A.dtype)
+        a = self.lora_A @ self.lora_A.T - eye
+        b = self.lora_B.T @ self.lora_B - eye
+        return torch.linalg.matrix_norm(a) + torch.linalg.matrix_norm(b)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, r0={self.r0}, alpha={self.alpha}"

@@ -1,0 +1,204 @@
+"""Model loading and adapter placement; the only module that knows architecture names.
+
+Each architecture is a small declarative spec: where its transformer blocks
+are, which linears inside a block can be adapted (short name -> path), and
+which modules form a trainable task head. Layers are found by walking those
+exact paths, never by matching substrings of parameter names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .budget import LayerShape
+from .layer import ElaLoRALinear, base_weight_shape
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    task: str  # "causal-lm" or "seq-cls"
+    blocks: str  # ModuleList of transformer blocks, relative to `model.base_model`
+    targets: dict[str, str]  # short name -> linear's path inside one block
+    heads: tuple[str, ...] = ()  # trainable head modules, relative to the top-level model
+
+
+_LLAMA = ArchSpec(
+    task="causal-lm",
+    blocks="layers",
+    targets={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    },
+)
+_BERT_TARGETS = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attn_out": "attention.output.dense",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
+}
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "bert": ArchSpec("seq-cls", "encoder.layer", _BERT_TARGETS, heads=("bert.pooler.dense", "classifier")),
+    "roberta": ArchSpec("seq-cls", "encoder.layer", _BERT_TARGETS, heads=("classifier.dense", "classifier.out_proj")),
+    "deberta-v2": ArchSpec(
+        "seq-cls",
+        "encoder.layer",
+        {
+            "query": "attention.self.query_proj",
+            "key": "attention.self.key_proj",
+            "value": "attention.self.value_proj",
+            "attn_out": "attention.output.dense",
+            "intermediate": "intermediate.dense",
+            "output": "output.dense",
+        },
+        heads=("pooler.dense", "classifier"),
+    ),
+    "distilbert": ArchSpec(
+        "seq-cls",
+        "transformer.layer",
+        {
+            "query": "attention.q_lin",
+            "key": "attention.k_lin",
+            "value": "attention.v_lin",
+            "attn_out": "attention.out_lin",
+            "intermediate": "ffn.lin1",
+            "output": "ffn.lin2",
+        },
+        heads=("pre_classifier", "classifier"),
+    ),
+}
+
+
+class ModelError(ValueError):
+    """The model cannot be loaded or adapted as asked."""
+
+
+def arch_spec(model_type: str) -> ArchSpec:
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise ModelError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        ) from None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return False
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def target_paths(model: nn.Module, spec: ArchSpec, targets: Sequence[str]) -> list[str]:
+    """Full module paths of the target linears, in block order then target order."""
+    unknown = [t for t in targets if t not in spec.targets]
+    if unknown:
+        raise ModelError(f"unknown target(s) {unknown}; this architecture has {list(spec.targets)}")
+    prefix = model.base_model_prefix if model.base_model is not model else ""
+    blocks_path = f"{prefix}.{spec.blocks}" if prefix else spec.blocks
+    blocks = model.get_submodule(blocks_path)
+    return [f"{blocks_path}.{i}.{spec.targets[t]}" for i in range(len(blocks)) for t in targets]
+
+
+def wrap_linears(
+    model: nn.Module,
+    paths: Sequence[str],
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    init_std: float = 0.02,
+    seed: int = 0,
+) -> dict[str, ElaLoRALinear]:
+    """Replace each linear at `paths` with an ElaLoRA layer; returns them by path, in order."""
+    generator = torch.Generator().manual_seed(seed)
+    layers: dict[str, ElaLoRALinear] = {}
+    for path in paths:
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        base = getattr(parent, leaf)
+        if not _is_linear(base):
+            raise ModelError(f"{path} is a {type(base).__name__}, not a linear layer")
+        layer = ElaLoRALinear(base, rank, alpha, dropout=dropout, init_std=init_std, generator=generator)
+        setattr(parent, leaf, layer)
+        layers[path] = layer
+    return layers
+
+
+def adapted_layers(model: nn.Module) -> dict[str, ElaLoRALinear]:
+    """The model's ElaLoRA layers by module path, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ElaLoRALinear)}
+
+
+def layer_shapes(layers: dict[str, ElaLoRALinear]) -> list[LayerShape]:
+    return [LayerShape(name, *reversed(base_weight_shape(layer.base))) for name, layer in layers.items()]
+
+
+def head_params(model: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
+    """Trainable head parameters (made trainable here), in a fixed order."""
+    params = []
+    for path in spec.heads:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            continue  # e.g. BERT without a pooler
+        for p in module.parameters():
+            p.requires_grad_(True)
+            params.append(p)
+    return params
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def load_base_model(
+    name_or_path: str,
+    quantize: str = "nf4",
+    num_labels: int | None = None,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, ArchSpec]:
+    """Load a Hugging Face model with its frozen linears in NF4 (or plain, `quantize="none"`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    spec = arch_spec(config.model_type)
+    compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": compute_dtype}
+    if quantize == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=[*spec.heads, "lm_head"],  # heads stay trainable
+        )
+        kwargs["device_map"] = {"": device}
+    elif quantize != "none":
+        raise ModelError(f"quantize must be 'nf4' or 'none', got {quantize!r}")
+    if spec.task == "seq-cls":
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels or 2, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    if quantize == "none":
+        model.to(device)
+    freeze_all(model)
+    return model, spec
