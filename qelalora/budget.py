@@ -114,10 +114,12 @@ def plan_initial_rank(
     floor_rank = max(r_min, 1)
     min_budget = adapter_bytes(shapes, [floor_rank] * len(shapes), opt, fixed)
     if min_budget > budget_bytes:
+        need = math.ceil(mib(min_budget) * 100) / 100  # rounded up, so that it really is enough
+        have = math.floor(mib(budget_bytes) * 100) / 100
         raise BudgetError(
-            f"a budget of {mib(budget_bytes):.2f} MiB cannot give each of the {len(shapes)} target layers "
-            f"rank {floor_rank}: the smallest workable budget is {math.ceil(mib(min_budget) * 100) / 100:.2f} MiB "
-            f"(--budget-mb {math.ceil(mib(min_budget) * 100) / 100:.2f}); raise the budget or adapt fewer layers"
+            f"a budget of {have:.2f} MiB cannot give each of the {len(shapes)} target layers "
+            f"rank {floor_rank}: the smallest workable budget is {need:.2f} MiB "
+            f"(--budget-mb {need:.2f}); raise the budget or adapt fewer layers"
         )
     width_cap = min(s.max_rank for s in shapes)
     if rank != "auto":

@@ -62,8 +62,14 @@ def prepare_training(
     seed: int = 0,
     foreach: bool | None = None,
 ) -> TrainState:
-    """Plan initial ranks from the budget, wrap the target linears, build optimiser and schedules."""
+    """Plan initial ranks from the budget, wrap the target linears, build optimiser and schedules.
+
+    Seeds torch's global RNG (dropout) with `seed`; seed it before loading a
+    model too when the model has freshly initialised parts (a new head).
+    """
     from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(seed)
 
     shapes = []
     for path in paths:

@@ -1,0 +1,1 @@
+"""Shipped recipes (YAML); `qelalora recipes list` shows them."""

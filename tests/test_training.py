@@ -1,0 +1,121 @@
+import torch
+import torch.nn as nn
+from transformers import get_linear_schedule_with_warmup
+
+from qelalora.budget import measure_adapter_bytes
+from qelalora.config import ElaLoRAConfig
+from qelalora.models import head_params, load_base_model, target_paths
+from qelalora.training import prepare_training, train
+from tests.helpers import cls_batches, hf_loss, lm_batches
+
+
+def _llama_run(model_dir, cfg, steps, seed=0, on_step=None, lr=5e-3):
+    torch.manual_seed(seed)
+    model, spec = load_base_model(model_dir, quantize="nf4")
+    paths = target_paths(model, spec, list(spec.targets))
+    state = prepare_training(model, paths, head_params(model, spec), cfg, steps, lr=lr, warmup_steps=5, seed=seed)
+    train(state, lm_batches(128, seed=seed), steps, hf_loss, on_step)
+    return state
+
+
+def test_budget_holds_at_every_step_with_frequent_rounds(tiny_llama_dir):
+    # q/k/v/o/gate/up/down of the tiny Llama have widths 64x64, 64x32, 64x128, 128x64: unequal triplet costs
+    for optimizer in ("adamw", "adamw8bit"):
+        cfg = ElaLoRAConfig(budget_mb=0.3, t_init=10, t_final=20, delta=2, b0=6, k=2, optimizer=optimizer)
+        seen = []
+
+        def check(state, loss):
+            measured = measure_adapter_bytes(list(state.layers.values()), state.head_params, state.optimizer)
+            assert measured <= cfg.budget_bytes, (state.step, measured)
+            assert measured == state.ranks.adapter_bytes()  # the planner's bytes are the real bytes
+            seen.append(measured)
+
+        state = _llama_run(tiny_llama_dir, cfg, 200, on_step=check)
+        assert len(seen) == 200
+        rounds = state.ranks.history
+        assert len(rounds) == 84  # steps 12, 14, ..., 178
+        assert any(r.pruned for r in rounds) and any(r.grown for r in rounds)
+        for r in rounds:
+            assert r.adapter_bytes <= cfg.budget_bytes
+            assert not set(r.pruned) & set(r.grown)
+        pattern = state.ranks.rank_pattern()
+        assert len(pattern) == 14 and len(set(pattern.values())) > 1, pattern
+
+
+def test_lr_follows_the_schedule_with_or_without_rounds(tiny_llama_dir):
+    steps, lr = 60, 5e-3
+    ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+    ref_sched = get_linear_schedule_with_warmup(ref_opt, 5, steps)
+    expected = []
+    for _ in range(steps):
+        expected.append(ref_opt.param_groups[0]["lr"])
+        ref_opt.step()
+        ref_sched.step()
+    for b0 in (4, 0):
+        cfg = ElaLoRAConfig(budget_mb=0.3, t_init=5, t_final=10, delta=3, b0=b0)
+        lrs = []
+        state = _llama_run(
+            tiny_llama_dir, cfg, steps, on_step=lambda s, _: lrs.append(s.scheduler.get_last_lr()[0]), lr=lr
+        )
+        # get_last_lr after step t is the LR used at step t + 1
+        assert lrs[:-1] == expected[1:]
+        assert all(group["lr"] == lrs[-1] for group in state.optimizer.param_groups)
+        assert any(r.pruned for r in state.ranks.history) == (b0 > 0)
+
+
+def test_same_seed_same_ranks_and_weights(tiny_bert_dir):
+    def run():
+        torch.manual_seed(3)  # the classifier head is freshly initialised
+        model, spec = load_base_model(tiny_bert_dir, quantize="nf4")
+        paths = target_paths(model, spec, list(spec.targets))
+        cfg = ElaLoRAConfig(budget_mb=0.25, t_init=5, t_final=10, delta=3, b0=3)
+        state = prepare_training(model, paths, head_params(model, spec), cfg, 50, lr=5e-3, seed=3)
+        train(state, cls_batches(128, seed=3), 50, hf_loss)
+        return state
+
+    a, b = run(), run()
+    assert a.ranks.history and a.ranks.rank_pattern() == b.ranks.rank_pattern()
+    for (na, la), (nb, lb) in zip(a.layers.items(), b.layers.items()):
+        for pa, pb in zip(la.adapter_params(), lb.adapter_params()):
+            assert torch.equal(pa, pb), na
+    for pa, pb in zip(a.head_params, b.head_params):
+        assert torch.equal(pa, pb)
+
+
+class _Stack(nn.Module):
+    """Three frozen linears with residual connections; the task only needs layer 1 to change."""
+
+    def __init__(self, d=24):
+        super().__init__()
+        self.l0, self.l1, self.l2 = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x + torch.tanh(self.l0(x))
+        x = x + self.l1(x)
+        return x + torch.tanh(self.l2(x))
+
+
+def test_rank_moves_to_the_layer_that_matters():
+    d = 24
+    torch.manual_seed(0)
+    student = _Stack(d)
+    teacher = _Stack(d)
+    teacher.load_state_dict(student.state_dict())
+    with torch.no_grad():  # teacher's layer 1 differs by a rank-10 update
+        u, v = torch.randn(d, 10), torch.randn(10, d)
+        teacher.l1.weight += 0.15 * u @ v / d**0.5
+    for p in student.parameters():
+        p.requires_grad_(False)
+
+    def batches():
+        g = torch.Generator().manual_seed(0)
+        while True:
+            x = torch.randn(64, d, generator=g)
+            yield x, teacher(x).detach()
+
+    cfg = ElaLoRAConfig(rank=4, budget_mb=1.0, t_init=20, t_final=40, delta=10, b0=2, k=2, gamma=0.0, alpha=4)
+    state = prepare_training(student, ["l0", "l1", "l2"], [], cfg, 400, lr=1e-2, seed=0)
+    losses = train(state, batches(), 400, lambda m, b: nn.functional.mse_loss(m(b[0]), b[1]))
+    ranks = state.ranks.rank_pattern()
+    assert ranks["l1"] > 4 and ranks["l1"] > max(ranks["l0"], ranks["l2"]), ranks
+    assert losses[-1] < 0.2 * losses[0]
