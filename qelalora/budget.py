@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .layer import ElaLoRALinear
 
 FP32 = 4
@@ -72,7 +73,7 @@ def adapter_bytes(shapes: Sequence[LayerShape], ranks: Sequence[int], opt: Optim
     return fixed + sum(layer_bytes(s.d_in, s.d_out, r, opt) for s, r in zip(shapes, ranks))
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     """The budget cannot hold the requested adapters."""
 
 

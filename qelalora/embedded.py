@@ -19,13 +19,15 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 MINILM = "embedded:minilm-l6"
 SMOLLM2 = "embedded:smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PYTHON_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 
 
-class MissingEmbedded(FileNotFoundError):
+class MissingEmbedded(UserError):
     """An embedded model or data set's package is not installed."""
 
 

@@ -23,3 +23,9 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite."""
 
     exit_code = 3
+
+
+class Interrupted(UserError):
+    """Stopped by the user (Ctrl-C) after a checkpoint was written."""
+
+    exit_code = 130

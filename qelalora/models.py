@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .budget import LayerShape
+from .errors import UserError
 from .layer import ElaLoRALinear, base_weight_shape
 
 
@@ -83,7 +83,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """The model cannot be loaded or adapted as asked."""
 
 
@@ -146,10 +146,6 @@ def adapted_layers(model: nn.Module) -> dict[str, ElaLoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ElaLoRALinear)}
 
 
-def layer_shapes(layers: dict[str, ElaLoRALinear]) -> list[LayerShape]:
-    return [LayerShape(name, *reversed(base_weight_shape(layer.base))) for name, layer in layers.items()]
-
-
 def head_params(model: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
     """Trainable head parameters (made trainable here), in a fixed order."""
     params = []
@@ -200,5 +196,23 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if quantize == "none":
         model.to(device)
+    keep_nf4_layout(model)
     freeze_all(model)
     return model, spec
+
+
+def keep_nf4_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes from repacking NF4 weights for CPU inference in eval mode.
+
+    On CPUs with AVX512-BF16 it rewrites the weights into another layout the
+    first time a layer runs in eval mode, and training afterwards fails
+    (in-place bias add on a leaf view). The base must stay the exact bytes we
+    train against, so evaluation in the middle of training keeps that layout.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -42,6 +42,22 @@ def test_budget_holds_at_every_step_with_frequent_rounds(tiny_llama_dir):
         assert len(pattern) == 14 and len(set(pattern.values())) > 1, pattern
 
 
+def test_training_continues_after_evaluation_on_nf4(tiny_bert_dir):
+    from qelalora.data import evaluate
+
+    torch.manual_seed(0)
+    model, spec = load_base_model(tiny_bert_dir, quantize="nf4")
+    paths = target_paths(model, spec, list(spec.targets))
+    cfg = ElaLoRAConfig(budget_mb=0.25, t_init=5, t_final=5, delta=3)
+    state = prepare_training(model, paths, head_params(model, spec), cfg, 20, lr=5e-3)
+    batches = cls_batches(128)
+    train(state, batches, 5, hf_loss)
+    examples = [{"input_ids": [5, 6, 7], "labels": 1}, {"input_ids": [8, 9], "labels": 0}]
+    before = evaluate(model, examples, "seq-cls", 2, 0, "cpu")
+    train(state, batches, 5, hf_loss)  # bitsandbytes must not have repacked the NF4 weights in eval mode
+    assert before["examples"] == 2 and state.step == 10
+
+
 def test_lr_follows_the_schedule_with_or_without_rounds(tiny_llama_dir):
     steps, lr = 60, 5e-3
     ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)

@@ -1,0 +1,5 @@
+"""`python -m qelalora` = the `qelalora` command."""
+
+from .cli import main
+
+main()

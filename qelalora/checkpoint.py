@@ -1,0 +1,179 @@
+"""Checkpoints that survive being killed at any moment, and that hold no pickle.
+
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/` with
+- `tensors.safetensors`: adapters (current shapes), heads, score EMAs,
+  optimiser moments, RNG states;
+- `state.json`: step, scheduler, optimiser hyper-parameters and scalars,
+  allocator history, data position;
+- `manifest.json`: SHA-256 of both files, written last.
+It is written under a temporary name, fsynced, then renamed, so a folder with
+the final name is complete; a folder whose checksums do not match is skipped
+(with a message) in favour of the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .training import TrainState
+
+TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
+PREFIX = "step-"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON to `path` via a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _param_names(state: TrainState) -> list[str]:
+    names = {id(p): n for n, p in state.model.named_parameters()}
+    return [names[id(p)] for p in state.trainable_params()]
+
+
+def collect(state: TrainState, extra: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything needed to continue `state` exactly: (tensors, JSON-able state)."""
+    tensors: dict[str, torch.Tensor] = {}
+    params = state.trainable_params()
+    names = _param_names(state)
+    for name, p in zip(names, params):
+        tensors[f"param/{name}"] = p.detach()
+    for lname, layer in state.layers.items():
+        for t in ("lora_A", "lora_E", "lora_B"):
+            for kind, buf in zip(("ibar", "ubar"), layer.score_buffers(t)):
+                tensors[f"score/{lname}.{t}.{kind}"] = buf
+    opt_state = state.optimizer.state_dict()
+    scalars: dict[str, dict] = {}
+    for idx, entry in opt_state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim/{idx}/{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    tensors["rng/torch"] = torch.get_rng_state()
+    tensors["rng/ranks"] = state.ranks.generator.get_state()
+    if torch.cuda.is_available():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state()
+    ranks_state = state.ranks.state_dict()
+    del ranks_state["generator"]
+    meta = {
+        "step": state.step,
+        "param_names": names,
+        "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
+        "scheduler": state.scheduler.state_dict(),
+        "ranks": ranks_state,
+        **extra,
+    }
+    # clone: safetensors refuses tensors that share memory (e.g. an 8-bit optimiser's shared maps)
+    return {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, meta
+
+
+def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, keep: int = 2) -> Path:
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{state.step:08d}"
+    tmp = root / f".partial-{PREFIX}{state.step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors, meta = collect(state, extra)
+    save_file(tensors, tmp / TENSORS)
+    write_json_atomic(tmp / STATE, meta)
+    _fsync(tmp / TENSORS)
+    write_json_atomic(tmp / MANIFEST, {"step": state.step, TENSORS: _sha256(tmp / TENSORS), STATE: _sha256(tmp / STATE)})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in sorted(list_checkpoints(run_dir))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is intact, else what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return "its manifest is missing or unreadable"
+    for name in (TENSORS, STATE):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if _sha256(path / name) != manifest.get(name):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_good_checkpoint(run_dir: Path, warn=print) -> Path | None:
+    """The newest checkpoint whose checksums match; broken ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path.name} is damaged ({problem}); using the previous one")
+    return None
+
+
+def load_checkpoint(path: Path, state: TrainState) -> dict:
+    """Restore `state` in place from a checkpoint; returns its JSON state (for the caller's extras)."""
+    tensors = load_file(path / TENSORS)
+    meta = json.loads((path / STATE).read_text())
+    params = state.trainable_params()
+    if meta["param_names"] != _param_names(state):
+        raise ValueError("the checkpoint was made for a different set of trainable tensors")
+    for name, p in zip(meta["param_names"], params):
+        p.data = tensors[f"param/{name}"].to(p.device)
+        p.grad = None
+    for lname, layer in state.layers.items():
+        for t in ("lora_A", "lora_E", "lora_B"):
+            for kind in ("ibar", "ubar"):
+                setattr(layer, f"{t}_{kind}", tensors[f"score/{lname}.{t}.{kind}"].to(layer.lora_A.device))
+    opt_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            opt_state["state"].setdefault(int(idx), {})[name] = value
+    for idx, scalars in meta["optimizer"]["scalars"].items():
+        opt_state["state"].setdefault(int(idx), {}).update(scalars)
+    state.optimizer.load_state_dict(opt_state)
+    state.scheduler.load_state_dict(meta["scheduler"])
+    state.ranks.load_state_dict({**meta["ranks"], "generator": tensors["rng/ranks"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    state.step = meta["step"]
+    return meta

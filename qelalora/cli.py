@@ -1,0 +1,205 @@
+"""The `qelalora` command line: train, plan, recipes, report.
+
+Errors the user can fix are printed as one paragraph with a non-zero exit
+code; tracebacks are kept for real bugs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="qelalora",
+    help="ElaLoRA fine-tuning over a 4-bit NF4 base under a hard memory budget, for edge deployment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+recipes_app = typer.Typer(help="List, show and validate recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", "-r", help="Shipped recipe name or YAML file (default: minilm-l6-rotten-tomatoes).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe key: section.key=value (repeatable).")]
+BudgetOpt = Annotated[Optional[float], typer.Option("--budget-mb", help="Hard cap on adapter training state, MiB (elalora.budget_mb).")]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+
+
+def _overrides(sets, budget_mb=None, steps=None, model=None, data=None, device=None, seed=None) -> list[str]:
+    out = list(sets or [])
+    for key, value in (("elalora.budget_mb", budget_mb), ("train.steps", steps), ("model.name", model),
+                       ("data.source", data), ("train.device", device), ("train.seed", seed)):
+        if value is not None:
+            out.append(f"{key}={json.dumps(value) if isinstance(value, str) else value}")
+    return out
+
+
+@app.command()
+def train(
+    recipe: RecipeOpt = None,
+    budget_mb: BudgetOpt = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps (train.steps).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model: hub id, local folder or embedded:... (model.name).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Data: file path or built-in set (data.source).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (train.device).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed (train.seed).")] = None,
+    set_: SetOpt = None,
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", "-o", help="Output folder (default: runs/<recipe>-<time>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last good checkpoint.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing, non-empty run folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+):
+    """Train ElaLoRA adapters. With no recipe: MiniLM-L6 (NF4) on Rotten Tomatoes sentiment.
+
+    Examples:
+
+      qelalora train --budget-mb 512
+
+      qelalora train -r smollm2-135m-python-docs --budget-mb 64 --steps 200
+
+      qelalora train -r my.yaml --set train.lr=1e-4 --set elalora.b0=8 -o runs/mine
+
+      qelalora train --resume runs/mine
+    """
+    from .job import run_train
+    from .recipe import load_recipe
+
+    _quiet_libraries()
+    if resume is not None:
+        if any(v is not None for v in (recipe, budget_mb, steps, model, data, device, seed)) or set_:
+            raise UserError("--resume continues a run with its saved recipe; give no recipe options with it")
+        run_train(None, resume, resume=True, progress=progress)
+        return
+    loaded = load_recipe(recipe, _overrides(set_, budget_mb, steps, model, data, device, seed))
+    name = Path(recipe).stem if recipe else "minilm-l6-rotten-tomatoes"
+    out = run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_train(loaded, out, overwrite=overwrite, progress=progress)
+
+
+@app.command()
+def plan(
+    recipe: RecipeOpt = None,
+    budget_mb: BudgetOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Model (model.name).")] = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+):
+    """Show the memory plan (initial ranks, adapter bytes, predicted footprint) without training.
+
+    Examples:
+
+      qelalora plan --budget-mb 512
+
+      qelalora plan -r llama-3.1-8b --budget-mb 512 --json
+    """
+    from .job import memory_plan
+    from .recipe import load_recipe
+
+    _quiet_libraries()
+    result = memory_plan(load_recipe(recipe, _overrides(set_, budget_mb, model=model)))
+    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.describe())
+
+
+@recipes_app.command("list")
+def recipes_list():
+    """List the shipped recipes.
+
+    Example: qelalora recipes list
+    """
+    from .recipe import load_recipe, shipped_recipes
+
+    for name in sorted(shipped_recipes()):
+        r = load_recipe(name)
+        typer.echo(f"{name:32s} {r.model.name:40s} {r.description.splitlines()[0] if r.description else ''}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or YAML file.")]):
+    """Print a recipe with every default filled in.
+
+    Example: qelalora recipes show minilm-l6-rotten-tomatoes
+    """
+    from .recipe import dump_recipe, load_recipe
+
+    typer.echo(dump_recipe(load_recipe(name)))
+
+
+@recipes_app.command("validate")
+def recipes_validate(paths: Annotated[list[str], typer.Argument(help="Recipe names or YAML files.")]):
+    """Check recipes and list every problem in each.
+
+    Example: qelalora recipes validate my.yaml recipes/*.yaml
+    """
+    from .recipe import load_recipe
+
+    bad = 0
+    for p in paths:
+        try:
+            load_recipe(p)
+            typer.echo(f"ok: {p}")
+        except UserError as err:
+            bad += 1
+            typer.echo(f"invalid: {err}", err=True)
+    if bad:
+        raise typer.Exit(2)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")]):
+    """Summarise a run and redraw its rank pictures.
+
+    Example: qelalora report runs/minilm-l6-rotten-tomatoes-20261129-120000
+    """
+    from .errors import RunDirError
+    from .report import load_json, plot_ranks
+
+    needed = ["report.json", "rank_pattern.json", "memory.json"]
+    missing = [n for n in needed if not (run_dir / n).is_file()]
+    if missing:
+        raise RunDirError(f"{run_dir} is not a finished run (missing {', '.join(missing)})")
+    try:
+        summary, history, memory = (load_json(run_dir / n) for n in needed)
+        pictures = plot_ranks(history, run_dir)
+        typer.echo(
+            f"run {run_dir}: {summary['steps']} steps in {summary['seconds']} s\n"
+            f"  metrics: {json.dumps(summary['metrics'])}\n"
+            f"  total rank {summary['total_rank']['initial']} -> {summary['total_rank']['final']} over {summary['rank_rounds']} rounds; "
+            f"adapter state {summary['adapter_bytes_final'] / 2**20:.2f} / {summary['budget_bytes'] / 2**20:.0f} MiB\n"
+            f"  memory: predicted {memory['footprint']['total_bytes'] / 2**20:.0f} MiB, "
+            f"measured peak {memory['measured_peak_bytes'] / 2**20:.0f} MiB ({memory['measured']})\n"
+            f"  pictures: {', '.join(str(p) for p in pictures)}"
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunDirError(f"{run_dir} holds malformed run metadata ({type(err).__name__}: {err})") from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, prog_name="qelalora")
+    except UserError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except MemoryError:
+        typer.echo("error: out of memory; lower train.batch_size or data.max_length, or the budget", err=True)
+        sys.exit(4)
+    except OSError as err:
+        typer.echo(f"error: {err.strerror or err} ({err.filename or ''}); check that the folder is writable and the disk has space", err=True)
+        sys.exit(5)

@@ -1,0 +1,84 @@
+"""The whole training footprint: predicted before a run, measured after it.
+
+The byte budget covers the adapter state only (exact, see `budget`). Beside
+it users need to know whether the whole job fits: the NF4 base weights, the
+adapter state, and activations at the recipe's batch and sequence length.
+The base is counted from the model's real shapes (built on the meta device,
+so `qelalora plan` needs no weights); activations use the standard estimate
+for a transformer layer (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes
+in 16-bit), scaled to the compute dtype, plus the logits for a causal LM.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+NF4_BLOCK = 64
+DQ_BLOCK = 256  # double quantisation: the fp32 absmax of blocks is itself quantised to uint8 in blocks of 256
+
+
+def nf4_weight_bytes(numel: int) -> int:
+    """Packed 4-bit values + uint8 absmax per 64-block + fp32 absmax per 256 of those + the 256-entry code."""
+    blocks = -(-numel // NF4_BLOCK)
+    return numel // 2 + blocks + 4 * -(-blocks // DQ_BLOCK) + 4 * 256 + 4
+
+
+@dataclass
+class Footprint:
+    base_bytes: int
+    adapter_bytes: int
+    activation_bytes: int
+    budget_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base_bytes + self.adapter_bytes + self.activation_bytes
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def base_bytes(model: nn.Module, quantize: str, skip: tuple[str, ...], dtype_bytes: int) -> int:
+    """Frozen weights as they will sit in memory (NF4 linears, other tensors in the compute dtype)."""
+    total = 0
+    seen: set[int] = set()
+    quantized: set[int] = set()
+    if quantize == "nf4":
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and not any(s in name for s in skip):
+                quantized.add(id(module.weight))
+                total += nf4_weight_bytes(module.weight.numel())
+    for p in model.parameters():
+        if id(p) in seen or id(p) in quantized:
+            continue
+        seen.add(id(p))
+        total += p.numel() * dtype_bytes
+    return total
+
+
+def activation_bytes(config, batch: int, seq: int, dtype_bytes: int, causal_lm: bool) -> int:
+    h = config.hidden_size
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    per_layer_16bit = seq * batch * h * (34 + 5 * heads * seq / h)
+    total = per_layer_16bit * layers * dtype_bytes / 2
+    if causal_lm:
+        total += 2 * batch * seq * config.vocab_size * 4  # logits and their fp32 softmax/grad
+    return int(total)
+
+
+def measured_peak_bytes(device: str) -> tuple[int, str]:
+    """(bytes, what was measured): CUDA max allocated, or the process's peak RSS on CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak if sys.platform == "darwin" else peak * 1024), "peak RSS of the process (includes the Python runtime)"
+
+
+def fmt_mib(n: int | float) -> str:
+    return f"{n / 2**20:,.1f} MiB"

@@ -1,0 +1,321 @@
+"""`qelalora train` and `qelalora plan`: a recipe in, a run directory out.
+
+The flow is the one in the design: recipe -> memory plan -> NF4 model with
+ElaLoRA layers -> train loop (checkpoints, metrics) -> run directory with
+adapters, rank pattern, pictures and the measured memory next to the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import embedded, report
+from .budget import LayerShape, OptimizerCost, RankPlan, head_bytes, mib, plan_initial_rank
+from .config import steps_of
+from .data import BatchStream, TaskData, evaluate, load_task_data
+from .errors import Interrupted, RunDirError, TrainingDiverged, UserError
+from .footprint import Footprint, activation_bytes, base_bytes, fmt_mib, measured_peak_bytes
+from .models import ArchSpec, arch_spec, head_params, load_base_model, target_paths
+from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
+from .training import TrainState, prepare_training, train_step
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("train.device asks for CUDA but no CUDA device is available; use train.device=cpu")
+    return name
+
+
+@dataclass
+class MemoryPlan:
+    rank_plan: RankPlan
+    footprint: Footprint
+    n_layers: int
+    model_name: str
+    batch: int
+    seq: int
+
+    def to_dict(self) -> dict:
+        rp = self.rank_plan
+        return {
+            "model": self.model_name,
+            "target_layers": self.n_layers,
+            "initial_rank": rp.rank,
+            "rank_limited_by": rp.binding,
+            "budget_bytes": rp.budget_bytes,
+            "adapter_bytes": rp.adapter_bytes,
+            "budget_used": rp.budget_used,
+            "min_budget_bytes": rp.min_budget_bytes,
+            "footprint": self.footprint.to_dict(),
+            "activations_at": {"batch": self.batch, "seq": self.seq},
+        }
+
+    def describe(self) -> str:
+        rp, fp = self.rank_plan, self.footprint
+        return (
+            f"Memory plan: {self.model_name}, {self.n_layers} target layers, budget {fmt_mib(rp.budget_bytes)}\n"
+            f"  initial rank {rp.rank} per layer (limited by {rp.binding}); adapter state "
+            f"{fmt_mib(rp.adapter_bytes)} = {100 * rp.budget_used:.1f}% of the budget "
+            f"(smallest workable budget: {fmt_mib(rp.min_budget_bytes)})\n"
+            f"  predicted footprint: base {fmt_mib(fp.base_bytes)} + adapter state {fmt_mib(fp.adapter_bytes)} + "
+            f"activations ~{fmt_mib(fp.activation_bytes)} (batch {self.batch} x {self.seq} tokens) "
+            f"= {fmt_mib(fp.total_bytes)}"
+        )
+
+
+def _load_config(recipe: Recipe):
+    from transformers import AutoConfig
+
+    name = embedded.resolve_model(recipe.model.name)
+    if recipe.model.trust_remote_code:
+        print("note: trust_remote_code is on: the model's own Python code will run")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load model {recipe.model.name!r}: {str(err).splitlines()[0][:300]} "
+            "(give a local Hugging Face folder, a hub id while online, or embedded:minilm-l6 / embedded:smollm2-135m)"
+        ) from None
+    return name, config
+
+
+def _check_sequence_length(recipe: Recipe, config) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and recipe.data.max_length > limit:
+        raise UserError(
+            f"data.max_length {recipe.data.max_length} is over the model's limit of {limit} positions; "
+            f"set data.max_length to {limit} or less"
+        )
+
+
+def memory_plan(recipe: Recipe) -> MemoryPlan:
+    """Initial ranks and predicted footprint, from the model's config alone (no weights loaded)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name, config = _load_config(recipe)
+    spec = arch_spec(config.model_type)
+    _check_sequence_length(recipe, config)
+    if spec.task == "seq-cls":
+        config.num_labels = recipe.model.num_labels
+    with torch.device("meta"):
+        auto = AutoModelForSequenceClassification if spec.task == "seq-cls" else AutoModelForCausalLM
+        model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    device = resolve_device(recipe.train.device)
+    dtype_bytes = 2 if device.startswith("cuda") else 4
+    paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
+    shapes = [LayerShape(p, model.get_submodule(p).in_features, model.get_submodule(p).out_features) for p in paths]
+    opt = OptimizerCost(recipe.elalora.optimizer)
+    heads = []
+    for h in spec.heads:
+        try:
+            heads.extend(p.numel() for p in model.get_submodule(h).parameters())
+        except AttributeError:
+            continue
+    fixed = head_bytes(heads, opt) + opt.shared_bytes()
+    e = recipe.elalora
+    rp = plan_initial_rank(shapes, e.budget_bytes, opt, fixed, e.rank, e.max_init_rank, e.r_min)
+    fp = Footprint(
+        base_bytes=base_bytes(model, recipe.model.quantize, (*spec.heads, "lm_head"), dtype_bytes),
+        adapter_bytes=rp.adapter_bytes,
+        activation_bytes=activation_bytes(config, recipe.train.batch_size, recipe.data.max_length, dtype_bytes, spec.task == "causal-lm"),
+        budget_bytes=e.budget_bytes,
+    )
+    return MemoryPlan(rp, fp, len(paths), recipe.model.name, recipe.train.batch_size, recipe.data.max_length)
+
+
+def _loss(model, batch):
+    return model(**batch).loss
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into "stop after this step and checkpoint"; a second one aborts."""
+
+    def __init__(self):
+        self.stop = False
+
+    def __enter__(self):
+        self._old = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._old)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if resume:
+        if not (run_dir / "recipe.yaml").is_file():
+            raise RunDirError(f"{run_dir} is not a qelalora run directory (no recipe.yaml); cannot resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"{run_dir} already exists and is not empty; pass --overwrite to replace it, or choose another --run-dir")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, forget log lines written after the checkpoint we continue from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    model: torch.nn.Module
+    spec: ArchSpec
+    data: TaskData
+    state: TrainState
+    stream: BatchStream
+    device: str
+    plan: MemoryPlan
+
+
+def build_run(recipe: Recipe, log=print) -> Run:
+    from transformers import AutoTokenizer
+
+    plan = memory_plan(recipe)
+    log(plan.describe())
+    device = resolve_device(recipe.train.device)
+    torch.manual_seed(recipe.train.seed)
+    name = embedded.resolve_model(recipe.model.name)
+    model, spec = load_base_model(
+        name, recipe.model.quantize, recipe.model.num_labels, device, recipe.model.trust_remote_code
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    data = load_task_data(recipe.data, spec.task, tokenizer, recipe.model.num_labels)
+    log(f"data: {recipe.data.source}: {data.sizes()['train']} train / {data.sizes()['val']} val / {data.sizes()['test']} test")
+    paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
+    t = recipe.train
+    state = prepare_training(
+        model,
+        paths,
+        head_params(model, spec),
+        recipe.elalora,
+        total_steps=t.steps,
+        lr=t.lr,
+        warmup_steps=steps_of(t.warmup_steps, t.steps),
+        weight_decay=t.weight_decay,
+        seed=t.seed,
+    )
+    stream = BatchStream(data.train, t.batch_size, data.pad_id, t.seed)
+    return Run(recipe, model, spec, data, state, stream, device, plan)
+
+
+def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict) -> dict:
+    state, recipe = run.state, run.recipe
+    names = {id(p): n for n, p in run.model.named_parameters()}
+    heads = {names[id(p)]: p for p in state.head_params}
+    report.save_adapter(run_dir / "adapter", state.layers, heads, recipe.model.name, recipe.model.quantize, run.spec.task,
+                        recipe.model.num_labels if run.spec.task == "seq-cls" else None)
+    report.save_peft_lora(run_dir / "peft", state.layers, heads, recipe.model.name, run.spec.task, run.spec.heads)
+    history = report.write_rank_pattern(run_dir, state.ranks)
+    report.plot_ranks(history, run_dir)
+    peak, what = measured_peak_bytes(run.device)
+    memory = {**run.plan.to_dict(), "measured_peak_bytes": peak, "measured": what,
+              "adapter_bytes_final": state.ranks.adapter_bytes()}
+    ckpt.write_json_atomic(run_dir / "memory.json", memory)
+    summary = {
+        "steps": state.step,
+        "seconds": round(time.time() - started, 1),
+        "metrics": metrics,
+        "total_rank": {"initial": history["total_rank"]["initial"], "final": history["total_rank"]["final"]},
+        "adapter_bytes_final": state.ranks.adapter_bytes(),
+        "budget_bytes": state.ranks.budget_bytes,
+        "measured_peak_bytes": peak,
+        "rank_rounds": len(history["rounds"]),
+    }
+    ckpt.write_json_atomic(run_dir / "report.json", summary)
+    return summary
+
+
+def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
+    """Train (or continue) a run; returns the final summary."""
+    prepare_run_dir(run_dir, resume, overwrite)
+    if resume:
+        recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
+    started = time.time()
+    run = build_run(recipe, log)
+    state, t = run.state, recipe.train
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        good = ckpt.latest_good_checkpoint(run_dir, warn=log)
+        if good is None:
+            raise RunDirError(f"{run_dir} has no intact checkpoint to resume from; start a new run instead")
+        meta = ckpt.load_checkpoint(good, state)
+        run.stream.load_state_dict(meta["data"])
+        started -= meta.get("elapsed", 0.0)
+        _truncate_metrics(metrics_path, state.step)
+        log(f"resumed from {good.name} (step {state.step} of {t.steps})")
+    else:
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        ckpt.write_json_atomic(run_dir / "memory_plan.json", run.plan.to_dict())
+
+    def save_ckpt():
+        ckpt.save_checkpoint(run_dir, state, {"data": run.stream.state_dict(), "elapsed": time.time() - started}, t.keep_checkpoints)
+
+    budget_mb = mib(state.ranks.budget_bytes)
+    bar = tqdm(total=t.steps, initial=state.step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    with _StopFlag() as flag:
+        while state.step < t.steps:
+            batch = {k: v.to(run.device) for k, v in next(run.stream).items()}
+            loss = train_step(state, batch, _loss)
+            if not math.isfinite(loss):
+                last = ckpt.latest_good_checkpoint(run_dir, warn=log)
+                where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+                raise TrainingDiverged(
+                    f"the loss became {loss} at step {state.step}; training stopped and {where}. "
+                    "Lower train.lr (or raise warmup) and start again, or --resume to retry from the checkpoint."
+                )
+            lr = state.scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rank=state.ranks.total_rank,
+                            mb=f"{mib(state.ranks.adapter_bytes()):.1f}/{budget_mb:.0f}")
+            if t.log_every and state.step % t.log_every == 0:
+                _append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "total_rank": state.ranks.total_rank,
+                                               "adapter_bytes": state.ranks.adapter_bytes()})
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
+                val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device, t.eval_batches)
+                _append_metrics(metrics_path, {"step": state.step, "val": val})
+            if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.steps:
+                save_ckpt()
+            if flag.stop:
+                save_ckpt()
+                bar.close()
+                raise Interrupted(f"interrupted at step {state.step}; a checkpoint was saved. Continue with: qelalora train --resume {run_dir}")
+    bar.close()
+    val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
+    test = evaluate(run.model, run.data.test, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
+    _append_metrics(metrics_path, {"step": state.step, "val": val, "test": test})
+    summary = _save_outputs(run, run_dir, started, {"val": val, "test": test})
+    log(f"done: {run_dir} ({summary['seconds']:.0f} s); val {val}; test {test}")
+    return summary
