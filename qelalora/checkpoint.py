@@ -150,7 +150,8 @@ def latest_good_checkpoint(run_dir: Path, warn=print) -> Path | None:
 
 def load_checkpoint(path: Path, state: TrainState) -> dict:
     """Restore `state` in place from a checkpoint; returns its JSON state (for the caller's extras)."""
-    tensors = load_file(path / TENSORS)
+    # clone: fresh allocations are aligned as the originals were; BLAS results can depend on alignment
+    tensors = {k: v.clone() for k, v in load_file(path / TENSORS).items()}
     meta = json.loads((path / STATE).read_text())
     params = state.trainable_params()
     if meta["param_names"] != _param_names(state):

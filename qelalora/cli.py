@@ -184,7 +184,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder."
             f"  total rank {summary['total_rank']['initial']} -> {summary['total_rank']['final']} over {summary['rank_rounds']} rounds; "
             f"adapter state {summary['adapter_bytes_final'] / 2**20:.2f} / {summary['budget_bytes'] / 2**20:.0f} MiB\n"
             f"  memory: predicted {memory['footprint']['total_bytes'] / 2**20:.0f} MiB, "
-            f"measured peak {memory['measured_peak_bytes'] / 2**20:.0f} MiB ({memory['measured']})\n"
+            f"measured {memory['measured_training_bytes'] / 2**20:.0f} MiB for training "
+            f"(peak {memory['measured_peak_bytes'] / 2**20:.0f} MiB, {memory['measured']})\n"
             f"  pictures: {', '.join(str(p) for p in pictures)}"
         )
     except (KeyError, TypeError, ValueError) as err:

@@ -72,12 +72,25 @@ def activation_bytes(config, batch: int, seq: int, dtype_bytes: int, causal_lm: 
     return int(total)
 
 
-def measured_peak_bytes(device: str) -> tuple[int, str]:
-    """(bytes, what was measured): CUDA max allocated, or the process's peak RSS on CPU."""
+def current_rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def measured_peak(device: str, baseline_rss: int) -> dict:
+    """What the run really used: CUDA max allocated, or on CPU the peak RSS above the RSS before loading."""
     if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+        peak = torch.cuda.max_memory_allocated()
+        return {"measured_peak_bytes": peak, "measured": "torch.cuda.max_memory_allocated", "measured_training_bytes": peak}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak if sys.platform == "darwin" else peak * 1024), "peak RSS of the process (includes the Python runtime)"
+    peak = peak if sys.platform == "darwin" else peak * 1024
+    return {
+        "measured_peak_bytes": peak,
+        "measured": "peak RSS of the process",
+        "baseline_rss_bytes": baseline_rss,
+        "measured_training_bytes": peak - baseline_rss,  # peak RSS minus the RSS before the model was loaded
+    }
 
 
 def fmt_mib(n: int | float) -> str:

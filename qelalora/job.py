@@ -19,12 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import embedded, report
+from . import adapter_io, embedded, report
 from .budget import LayerShape, OptimizerCost, RankPlan, head_bytes, mib, plan_initial_rank
 from .config import steps_of
 from .data import BatchStream, TaskData, evaluate, load_task_data
 from .errors import Interrupted, RunDirError, TrainingDiverged, UserError
-from .footprint import Footprint, activation_bytes, base_bytes, fmt_mib, measured_peak_bytes
+from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
 from .models import ArchSpec, arch_spec, head_params, load_base_model, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
 from .training import TrainState, prepare_training, train_step
@@ -231,18 +231,17 @@ def build_run(recipe: Recipe, log=print) -> Run:
     return Run(recipe, model, spec, data, state, stream, device, plan)
 
 
-def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict) -> dict:
+def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseline_rss: int) -> dict:
     state, recipe = run.state, run.recipe
     names = {id(p): n for n, p in run.model.named_parameters()}
     heads = {names[id(p)]: p for p in state.head_params}
-    report.save_adapter(run_dir / "adapter", state.layers, heads, recipe.model.name, recipe.model.quantize, run.spec.task,
+    adapter_io.save_adapter(run_dir / "adapter", state.layers, heads, recipe.model.name, recipe.model.quantize, run.spec.task,
                         recipe.model.num_labels if run.spec.task == "seq-cls" else None)
-    report.save_peft_lora(run_dir / "peft", state.layers, heads, recipe.model.name, run.spec.task, run.spec.heads)
+    adapter_io.save_peft_lora(run_dir / "peft", state.layers, heads, recipe.model.name, run.spec.task, run.spec.heads)
     history = report.write_rank_pattern(run_dir, state.ranks)
     report.plot_ranks(history, run_dir)
-    peak, what = measured_peak_bytes(run.device)
-    memory = {**run.plan.to_dict(), "measured_peak_bytes": peak, "measured": what,
-              "adapter_bytes_final": state.ranks.adapter_bytes()}
+    measured = measured_peak(run.device, baseline_rss)
+    memory = {**run.plan.to_dict(), **measured, "adapter_bytes_final": state.ranks.adapter_bytes()}
     ckpt.write_json_atomic(run_dir / "memory.json", memory)
     summary = {
         "steps": state.step,
@@ -251,7 +250,7 @@ def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict) -> dic
         "total_rank": {"initial": history["total_rank"]["initial"], "final": history["total_rank"]["final"]},
         "adapter_bytes_final": state.ranks.adapter_bytes(),
         "budget_bytes": state.ranks.budget_bytes,
-        "measured_peak_bytes": peak,
+        "measured_training_bytes": measured["measured_training_bytes"],
         "rank_rounds": len(history["rounds"]),
     }
     ckpt.write_json_atomic(run_dir / "report.json", summary)
@@ -264,6 +263,7 @@ def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwr
     if resume:
         recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
     started = time.time()
+    baseline_rss = current_rss_bytes()
     run = build_run(recipe, log)
     state, t = run.state, recipe.train
     metrics_path = run_dir / "metrics.jsonl"
@@ -316,6 +316,10 @@ def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwr
     val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
     test = evaluate(run.model, run.data.test, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
     _append_metrics(metrics_path, {"step": state.step, "val": val, "test": test})
-    summary = _save_outputs(run, run_dir, started, {"val": val, "test": test})
-    log(f"done: {run_dir} ({summary['seconds']:.0f} s); val {val}; test {test}")
+    summary = _save_outputs(run, run_dir, started, {"val": val, "test": test}, baseline_rss)
+    log(
+        f"done: {run_dir} ({summary['seconds']:.0f} s); val {val}; test {test}\n"
+        f"memory: predicted {fmt_mib(run.plan.footprint.total_bytes)}, measured {fmt_mib(summary['measured_training_bytes'])} "
+        f"({'CUDA max allocated' if run.device.startswith('cuda') else 'peak RSS above the RSS before loading'})"
+    )
     return summary

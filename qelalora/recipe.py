@@ -96,6 +96,17 @@ def _type_ok(value, annotation) -> bool:
     return False
 
 
+def _coerce_number(value, annotation):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; accept it where a number is expected."""
+    if isinstance(value, str) and not _type_ok(value, annotation) and _type_ok(1.5, annotation):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
 def _describe(annotation) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -110,6 +121,8 @@ def _build_section(name: str, cls, raw, errors: list[str]):
     known = {f.name for f in dataclasses.fields(cls)}
     values = {}
     for key, value in raw.items():
+        if key in known:
+            value = _coerce_number(value, hints[key])
         if key not in known:
             errors.append(f"{name}.{key}: unknown key (known: {', '.join(sorted(known))})")
         elif not _type_ok(value, hints[key]):

@@ -1,0 +1,88 @@
+"""`qelalora train` end to end on tiny models, and what the run directory holds."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from qelalora.adapter_io import load_adapter
+from qelalora.models import load_base_model
+from tests.cli_helpers import run_cli, write_cls_data, write_lm_data, write_recipe
+
+RUN_FILES = {
+    "adapter", "peft", "checkpoints", "memory.json", "memory_plan.json", "metrics.jsonl", "rank_final.png",
+    "rank_heatmap.png", "rank_pattern.json", "recipe.yaml", "report.json",
+}
+
+
+def test_train_bert_end_to_end(tmp_path, tiny_bert_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"))
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "-r", str(recipe), "-o", str(run), "--no-progress")
+    assert code == 0, err
+    assert {p.name for p in run.iterdir()} == RUN_FILES
+    assert {p.name for p in (run / "adapter").iterdir()} == {"adapter.safetensors", "adapter_config.json"}
+    assert {p.name for p in (run / "peft").iterdir()} == {"adapter_model.safetensors", "adapter_config.json"}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000020", "step-00000030"]
+    history = json.loads((run / "rank_pattern.json").read_text())
+    assert len(history["final"]) == 12 and len(history["rounds"]) == 5  # steps 8, 11, ..., 20 (t_i 5, t_f 8, delta 3)
+    assert all(r["adapter_bytes"] <= history["budget_bytes"] for r in history["rounds"])
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 30 and 0 <= report["metrics"]["test"]["accuracy"] <= 1
+    assert report["adapter_bytes_final"] <= 0.3 * 2**20
+    memory = json.loads((run / "memory.json").read_text())
+    assert memory["measured_peak_bytes"] > 0 and memory["footprint"]["total_bytes"] > memory["adapter_bytes"]
+    assert "Memory plan" in out and "initial rank" in out
+    metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [5, 10, 15, 20, 25, 30]
+
+    # the saved adapter reproduces the trained model, through our loader and through PEFT
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base, _ = load_base_model(tiny_bert_dir, num_labels=2)
+    layers = load_adapter(base, run / "adapter")
+    assert {n: l.rank for n, l in layers.items()} == history["final"]
+    peft_base, _ = load_base_model(tiny_bert_dir, num_labels=2)
+    peft_model = PeftModel.from_pretrained(peft_base, run / "peft")
+    ids = torch.randint(4, 128, (3, 10))
+    base.eval(), peft_model.eval()
+    with torch.no_grad():
+        ours, theirs = base(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    saved = load_file(run / "adapter" / "adapter.safetensors")
+    assert any(k.startswith("head/classifier") for k in saved)
+
+
+def test_train_llama_prompt_completion(tmp_path, tiny_llama_dir, capsys):
+    data = write_lm_data(tmp_path / "lm.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, data, causal=True)
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "-r", str(recipe), "-o", str(run), "--no-progress", "--set", "train.steps=20")
+    assert code == 0, err
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 20
+    test = report["metrics"]["test"]
+    assert test["tokens"] > 0 and abs(test["perplexity"] - torch.tensor(test["loss"]).exp().item()) < 1e-3 * test["perplexity"]
+    config = json.loads((run / "peft" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["rank_pattern"] == {
+        k: v for k, v in json.loads((run / "rank_pattern.json").read_text())["final"].items() if v > 0
+    }
+
+
+def test_plan_command_reports_rank_and_footprint(capsys, tiny_llama_dir):
+    code, out, _ = run_cli(capsys, "plan", "--model", tiny_llama_dir, "--set", "model.targets=[q, v]",
+                           "--set", "data.max_length=32", "--budget-mb", "1", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    assert plan["target_layers"] == 4 and plan["rank_limited_by"] in ("budget", "max_init_rank", "layer width")
+    assert plan["adapter_bytes"] <= plan["budget_bytes"] == 2**20
+
+
+def test_report_command(tmp_path, tiny_bert_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"), train={"steps": 15})
+    run = tmp_path / "run"
+    assert run_cli(capsys, "train", "-r", str(recipe), "-o", str(run), "--no-progress")[0] == 0
+    (run / "rank_final.png").unlink()
+    code, out, _ = run_cli(capsys, "report", str(run))
+    assert code == 0 and "total rank" in out and (run / "rank_final.png").stat().st_size > 1000
