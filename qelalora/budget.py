@@ -144,8 +144,8 @@ def plan_initial_rank(
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
-    if best < cap:
-        binding = "budget"
+    if adapter_bytes(shapes, [best + 1] * len(shapes), opt, fixed) > budget_bytes:
+        binding = "budget"  # even where a cap binds too, the budget alone would stop here
     else:
         binding = "max_init_rank" if max_init_rank <= width_cap else "layer width"
     used = adapter_bytes(shapes, [best] * len(shapes), opt, fixed)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .allocator import Schedule
-
 
 @dataclass
 class ElaLoRAConfig:
@@ -30,7 +28,9 @@ class ElaLoRAConfig:
     def budget_bytes(self) -> int:
         return int(self.budget_mb * 2**20)
 
-    def schedule(self, total_steps: int) -> Schedule:
+    def schedule(self, total_steps: int):
+        from .allocator import Schedule  # torch-free import of this module for the edge path
+
         return Schedule(
             total_steps=total_steps,
             t_init=steps_of(self.t_init, total_steps),

@@ -22,7 +22,8 @@ from . import checkpoint as ckpt
 from . import adapter_io, embedded, report
 from .budget import LayerShape, OptimizerCost, RankPlan, head_bytes, mib, plan_initial_rank
 from .config import steps_of
-from .data import BatchStream, TaskData, evaluate, load_task_data
+from .data import BatchStream, evaluate
+from .records import TaskData, load_task_data
 from .errors import Interrupted, RunDirError, TrainingDiverged, UserError
 from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
 from .models import ArchSpec, arch_spec, head_params, load_base_model, target_paths

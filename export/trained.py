@@ -1,0 +1,65 @@
+"""Load a finished run back into PyTorch: the NF4 base with its trained adapters.
+
+This is the reference every export is checked against, and the source of
+held-out inputs for the parity check (the run's own test split).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qelalora import embedded
+from qelalora.adapter_io import load_adapter
+from qelalora.records import load_task_data
+from qelalora.errors import RunDirError
+from qelalora.layer import ElaLoRALinear
+from qelalora.models import ArchSpec, load_base_model
+from qelalora.recipe import Recipe, recipe_from_dict, read_yaml
+
+NEEDED = ("recipe.yaml", "adapter/adapter.safetensors", "adapter/adapter_config.json")
+
+
+@dataclass
+class TrainedRun:
+    run_dir: Path
+    recipe: Recipe
+    model: torch.nn.Module  # NF4 base + ElaLoRA layers, eval mode, CPU
+    spec: ArchSpec
+    layers: dict[str, ElaLoRALinear]
+    tokenizer: object
+    model_path: str
+
+    @property
+    def task(self) -> str:
+        return self.spec.task
+
+
+def check_run_dir(run_dir: Path) -> None:
+    missing = [n for n in NEEDED if not (run_dir / n).is_file()]
+    if missing:
+        raise RunDirError(f"{run_dir} is not a finished qelalora run (missing {', '.join(missing)}); train it first")
+
+
+def load_trained(run_dir: Path) -> TrainedRun:
+    from transformers import AutoTokenizer
+
+    check_run_dir(run_dir)
+    recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
+    torch.manual_seed(recipe.train.seed)
+    path = embedded.resolve_model(recipe.model.name)
+    model, spec = load_base_model(path, recipe.model.quantize, recipe.model.num_labels, "cpu", recipe.model.trust_remote_code)
+    layers = load_adapter(model, run_dir / "adapter")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return TrainedRun(run_dir, recipe, model, spec, layers, tokenizer, path)
+
+
+def heldout_examples(run: TrainedRun, limit: int = 32) -> list[dict]:
+    """Up to `limit` tokenised examples of the run's test split (its validation split if empty)."""
+    data = load_task_data(run.recipe.data, run.task, run.tokenizer, run.recipe.model.num_labels)
+    return (data.test or data.val or data.train)[:limit]

@@ -1,0 +1,212 @@
+"""Examples: read data files, split them reproducibly, tokenise them. No torch here.
+
+Used by training and by the ONNX Runtime edge path (which must not import torch).
+
+Sources: JSONL, CSV and plain-text files, and the built-in sets of
+`qelalora.embedded` (Rotten Tomatoes; Python docs; Python stdlib source).
+
+Splits are fixed by `data.split_seed`: examples (or, for running text,
+documents) are shuffled with Python's seeded `random.Random`, then the first `test_size`
+become the test set, the next `val_size` the validation set, the rest
+training data. Running text is tokenised in that document order, joined with
+EOS and cut into `max_length` blocks; the split is then made over blocks.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import io
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import embedded
+from .errors import DataError
+from .recipe import DataSection
+
+BUILTIN = ("rotten-tomatoes", "python-docs", "python-stdlib")
+MAX_FIELD_CHARS = 1_000_000
+csv.field_size_limit(MAX_FIELD_CHARS)
+
+
+@dataclass
+class TaskData:
+    task: str
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+    pad_id: int
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start}): convert it to UTF-8") from None
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    records = []
+    for i, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as err:
+            raise DataError(f"{path}, line {i}: not valid JSON ({str(err)[:120]})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}, line {i}: each line must be a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        return list(csv.DictReader(io.StringIO(_read_text(path))))
+    except csv.Error as err:
+        raise DataError(f"{path}: malformed CSV ({err})") from None
+
+
+def rotten_tomatoes() -> list[dict]:
+    """12,808 review snippets: label 1 = fresh, 0 = rotten (plot summaries dropped)."""
+    with bz2.open(embedded.rotten_tomatoes_file(), "rt", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [{"text": r["text"], "label": int(r["category"] == "fresh")} for r in rows if r["category"] != "plot"]
+
+
+def read_records(section: DataSection) -> list[dict]:
+    """Raw records (dicts) from the configured source."""
+    source = section.source
+    if source == "rotten-tomatoes":
+        return rotten_tomatoes()
+    if source in ("python-docs", "python-stdlib"):
+        files = embedded.python_doc_files() if source == "python-docs" else embedded.python_stdlib_files()
+        return [{section.text_field: f.read_text(encoding="utf-8", errors="replace")} for f in files]
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist (built-in sets: {', '.join(BUILTIN)})")
+    if not path.is_file():
+        raise DataError(f"data source {path} is not a file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        records = _read_jsonl(path)
+    elif suffix == ".csv":
+        records = _read_csv(path)
+    elif suffix in (".txt", ".text", ".md", ".rst"):
+        records = [{section.text_field: _read_text(path)}]
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .txt")
+    if not records or not any(records):
+        raise DataError(f"{path} holds no examples")
+    return records
+
+
+def _count(size: int | float, n: int) -> int:
+    return int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+
+
+def _shuffled(items: list, seed: int) -> list:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    return [items[i] for i in order]
+
+
+def _split(items: list, section: DataSection) -> tuple[list, list, list]:
+    shuffled = _shuffled(items, section.split_seed)
+    n_test = min(_count(section.test_size, len(items)), len(items) // 3)
+    n_val = min(_count(section.val_size, len(items)), len(items) // 3)
+    test, val, train = shuffled[:n_test], shuffled[n_test : n_test + n_val], shuffled[n_test + n_val :]
+    if section.max_train_examples is not None:
+        train = train[: section.max_train_examples]
+    return train, val, test
+
+
+def _field(record: dict, name: str, where: str):
+    if name not in record:
+        raise DataError(f"{where}: field {name!r} is missing (fields present: {', '.join(map(str, record))[:200]})")
+    return record[name]
+
+
+def _as_text(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: expected text, got {type(value).__name__} {str(value)[:40]!r}")
+    return value
+
+
+def _as_label(value, num_labels: int, where: str) -> int:
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value.strip())
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int):
+        raise DataError(f"{where}: label {str(value)[:40]!r} is not an integer class index")
+    if not 0 <= value < num_labels:
+        raise DataError(f"{where}: label {value} is outside 0..{num_labels - 1}; set model.num_labels to match the data")
+    return value
+
+
+def classification_examples(records: list[dict], section: DataSection, tokenizer, num_labels: int) -> list[dict]:
+    texts, labels = [], []
+    for i, r in enumerate(records, 1):
+        where = f"{section.source}, example {i}"
+        texts.append(_as_text(_field(r, section.text_field, where), where))
+        labels.append(_as_label(_field(r, section.label_field, where), num_labels, where))
+    ids = tokenizer(texts, truncation=True, max_length=section.max_length)["input_ids"]
+    return [{"input_ids": x, "labels": y} for x, y in zip(ids, labels)]
+
+
+def completion_examples(records: list[dict], section: DataSection, tokenizer) -> list[dict]:
+    out = []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for i, r in enumerate(records, 1):
+        where = f"{section.source}, example {i}"
+        prompt = tokenizer(_as_text(_field(r, section.prompt_field, where), where))["input_ids"]
+        completion = tokenizer(_as_text(_field(r, section.completion_field, where), where), add_special_tokens=False)["input_ids"]
+        ids = (prompt + completion + eos)[: section.max_length]
+        labels = ([-100] * len(prompt) + completion + eos)[: section.max_length]
+        if all(label == -100 for label in labels):
+            continue  # the prompt alone fills max_length: nothing to learn from
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def text_blocks(documents: list[str], tokenizer, max_length: int) -> list[dict]:
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for doc in documents:
+        stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            stream.append(eos)
+    n = len(stream) // max_length
+    return [{"input_ids": stream[i * max_length : (i + 1) * max_length]} for i in range(n)]
+
+
+def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int = 2) -> TaskData:
+    """Read, split and tokenise the data for `task` ("seq-cls" or "causal-lm")."""
+    records = read_records(section)
+    if task == "seq-cls":
+        train, val, test = (classification_examples(part, section, tokenizer, num_labels) for part in _split(records, section))
+    elif section.prompt_field:
+        train, val, test = (completion_examples(part, section, tokenizer) for part in _split(records, section))
+    else:
+        docs = [_as_text(_field(r, section.text_field, section.source), section.source) for r in _shuffled(records, section.split_seed)]
+        blocks = text_blocks(docs, tokenizer, section.max_length)
+        n_test = min(_count(section.test_size, len(blocks)), len(blocks) // 3)
+        n_val = min(_count(section.val_size, len(blocks)), len(blocks) // 3)
+        test, val, train = blocks[:n_test], blocks[n_test : n_test + n_val], blocks[n_test + n_val :]
+        if section.max_train_examples is not None:
+            train = train[: section.max_train_examples]
+    if not train:
+        raise DataError(
+            f"{section.source}: no training examples left after splitting "
+            f"(for running text, is it shorter than one block of {section.max_length} tokens?)"
+        )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return TaskData(task, train, val, test, pad)
