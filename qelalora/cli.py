@@ -192,6 +192,98 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder."
         raise RunDirError(f"{run_dir} holds malformed run metadata ({type(err).__name__}: {err})") from None
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 | nf4-adapters | swappable")] = "nf4-adapters",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN_DIR/onnx-FORMAT).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    prune_threshold: Annotated[float, typer.Option(help="Drop triplets whose update has spectral norm below this.")] = 1e-6,
+    int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 (MatMulNBits).")] = 32,
+    int4_asymmetric: Annotated[bool, typer.Option(help="Asymmetric int4 blocks (with zero points).")] = False,
+    adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
+):
+    """Export a trained run to ONNX and check it against PyTorch with ONNX Runtime.
+
+    Examples:
+
+      qelalora export runs/mine --format merged-int4
+
+      qelalora export runs/mine -f swappable -o edge/model
+
+      qelalora export runs/other --adapter-only edge/other.onnx_adapter
+    """
+    from .export.exporter import export_adapter_only, export_run
+
+    _quiet_libraries()
+    if adapter_only is not None:
+        ranks = export_adapter_only(run_dir, adapter_only, overwrite)
+        typer.echo(f"wrote {adapter_only}: total rank {sum(ranks.values())} over {sum(1 for r in ranks.values() if r)} live layers")
+        return
+    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, int4_block_size, not int4_asymmetric)
+
+
+@app.command()
+def infer(
+    onnx_dir: Annotated[Path, typer.Argument(help="An exported folder.")],
+    texts: Annotated[list[str], typer.Argument(help="Texts to classify, or prompts to continue.")],
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (decoders).")] = 32,
+    adapter: Annotated[Optional[Path], typer.Option(help="An .onnx_adapter to activate (swappable exports).")] = None,
+):
+    """Classify texts or generate text with ONNX Runtime only (no PyTorch).
+
+    Examples:
+
+      qelalora infer runs/mine/onnx-merged-int4 "a warm, funny film" "a dull mess"
+
+      qelalora infer edge/model --adapter edge/other.onnx_adapter "def add(a, b):"
+    """
+    from .export.runtime import EdgeModel
+
+    model = EdgeModel(onnx_dir)
+    if adapter is not None:
+        model.use_adapter(adapter)
+    if model.task == "seq-cls":
+        for text, result in zip(texts, model.classify(texts)):
+            typer.echo(json.dumps({"text": text, **result}))
+    else:
+        for text in texts:
+            typer.echo(json.dumps({"prompt": text, "completion": model.generate(text, max_new_tokens)}))
+
+
+@app.command("eval")
+def evaluate_onnx(
+    onnx_dir: Annotated[Path, typer.Argument(help="An exported folder.")],
+    data: Annotated[Optional[str], typer.Option(help="Data file or built-in set (default: the run's own).")] = None,
+    split: Annotated[str, typer.Option(help="test | val | train split of that data.")] = "test",
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many examples.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="An .onnx_adapter to activate.")] = None,
+):
+    """Accuracy (classification) or perplexity (causal LM) with ONNX Runtime only.
+
+    Examples:
+
+      qelalora eval runs/mine/onnx-nf4-adapters
+
+      qelalora eval edge/model --data reviews.csv --split test --limit 500
+    """
+    from .export.runtime import EdgeModel
+    from .recipe import DataSection
+    from .records import load_task_data
+
+    model = EdgeModel(onnx_dir)
+    if adapter is not None:
+        model.use_adapter(adapter)
+    section = DataSection(**model.info["data"])
+    if data is not None:
+        section.source = data
+    if split not in ("test", "val", "train"):
+        raise UserError(f"--split must be test, val or train, got {split!r}")
+    examples = getattr(load_task_data(section, model.task, model.tokenizer, model.info.get("num_labels") or 2), split)
+    result = model.evaluate(examples[:limit] if limit else examples)
+    typer.echo(json.dumps(result))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="qelalora")

@@ -1,0 +1,193 @@
+"""`qelalora export`: a finished run -> a checked ONNX folder, written all at once.
+
+Steps: load the run (NF4 base + adapters) -> reference outputs on held-out
+inputs -> prune -> build the format's graph -> (quantise) -> run it with ONNX
+Runtime and compare -> rename the finished temporary folder into place.
+Nothing is left half-written: a failure removes the temporary folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qelalora.checkpoint import write_json_atomic
+from qelalora.errors import RunDirError, UserError
+
+from . import graphs, parity
+from .modules import branch_matrices, merge_model, nf4_adapter_model
+from .prune import DEFAULT_THRESHOLD, prune_adapters
+from .runtime import SUMMARY, EdgeModel
+from .trained import TrainedRun, heldout_examples, load_trained
+
+FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "nf4-adapters", "swappable")
+ADAPTER_FILE = "adapter.onnx_adapter"
+
+
+def _example_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    from qelalora.data import collate
+
+    batch = collate(examples[:2], pad_id)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _heads(run: TrainedRun) -> dict[str, torch.Tensor]:
+    """The run's trained head tensors by parameter name (a task's classifier travels with its adapter)."""
+    config = json.loads((run.run_dir / "adapter" / "adapter_config.json").read_text())
+    params = dict(run.model.named_parameters())
+    return {name: params[name].detach() for name in config["heads"]}
+
+
+def _swappable_values(run: TrainedRun) -> list[np.ndarray]:
+    """Branch matrices of every target layer (empty for rank 0), then head tensors, in graph-input order."""
+    out = []
+    for layer in run.layers.values():
+        a, b = branch_matrices(layer)
+        out += [a.numpy(), b.numpy()]
+    return out + [t.float().numpy() for t in _heads(run).values()]
+
+
+def write_adapter_file(run: TrainedRun, path: Path) -> dict[str, int]:
+    """The run's adapter (and head) as an ONNX Runtime .onnx_adapter file; returns the rank per layer."""
+    import onnxruntime as ort
+
+    names = graphs.adapter_input_names(list(run.layers), list(_heads(run)))
+    values = _swappable_values(run)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for n, v in zip(names, values)})
+    fmt.export_adapter(str(path))
+    return {n: l.rank for n, l in run.layers.items()}
+
+
+def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, int4_block: int, int4_symmetric: bool) -> None:
+    model = copy.deepcopy(run.model)
+    causal = run.task == "causal-lm"
+    if fmt == "swappable":
+        if run.recipe.model.quantize != "nf4":
+            raise UserError("swappable needs a run trained over an NF4 base")
+        adapted = nf4_adapter_model(model, adapter_as_input=True)
+        rank_one = [t for layer in run.layers.values() for t in (torch.randn(1, layer.in_features), torch.randn(layer.out_features, 1))]
+        graphs.trace_logits_graph(model, folder / "model.onnx", example, adapted, rank_one, causal=causal, heads=_heads(run))
+        write_adapter_file(run, folder / ADAPTER_FILE)
+        return
+    if fmt == "nf4-adapters":
+        if run.recipe.model.quantize != "nf4":
+            raise UserError("nf4-adapters needs a run trained over an NF4 base; use merged-fp32")
+        nf4_adapter_model(model)
+    else:
+        merge_model(model)
+    if causal:
+        graphs.export_decoder_with_cache(model, folder)
+    else:
+        graphs.trace_logits_graph(model, folder / "model.onnx", example)
+    if fmt == "merged-fp16":
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        converted = convert_float_to_float16(onnx.load(str(folder / "model.onnx")), keep_io_types=True)
+        onnx.save(converted, str(folder / "model.onnx"))
+    elif fmt == "merged-int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(folder / "model.onnx", folder / "model.int8.onnx", weight_type=QuantType.QInt8)
+        (folder / "model.int8.onnx").replace(folder / "model.onnx")
+    elif fmt == "merged-int4":
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(folder / "model.onnx")), block_size=int4_block, is_symmetric=int4_symmetric)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(folder / "model.onnx"), use_external_data_format=False)
+
+
+def _sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def export_run(
+    run_dir: Path,
+    out_dir: Path,
+    fmt: str,
+    overwrite: bool = False,
+    prune_threshold: float = DEFAULT_THRESHOLD,
+    int4_block: int = 32,
+    int4_symmetric: bool = True,
+    parity_examples: int = 8,
+    metric_examples: int = 64,
+    log=print,
+) -> dict:
+    """Export a finished run in one format, check it, and return the summary."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise RunDirError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it")
+    started = time.time()
+    run = load_trained(run_dir)
+    pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
+    examples = heldout_examples(run, max(parity_examples, metric_examples))
+    ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples], run.tokenizer.eos_token_id)
+    pruned = prune_adapters(run.layers, prune_threshold)
+    log(f"pruned: total rank {sum(pruned.ranks_before.values())} -> {sum(pruned.ranks_after.values())}, "
+        f"adapter weights {pruned.bytes_before / 1024:.1f} -> {pruned.bytes_after / 1024:.1f} KiB"
+        + (f", layers removed: {len(pruned.removed_layers)}" if pruned.removed_layers else ""))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        _build_graph(run, fmt, tmp, _example_batch(examples, pad), int4_block, int4_symmetric)
+        run.tokenizer.save_pretrained(tmp)
+        run.model.config.save_pretrained(tmp)
+        info = {
+            "format": fmt,
+            "task": run.task,
+            "base_model": run.recipe.model.name,
+            "num_labels": run.recipe.model.num_labels if run.task == "seq-cls" else None,
+            "eos_token_id": run.tokenizer.eos_token_id,
+            "pad_token_id": pad,
+            "data": run.recipe.to_dict()["data"],
+            "prune": pruned.to_dict(),
+            "ranks": {n: l.rank for n, l in run.layers.items()},
+            "int4": {"block_size": int4_block, "symmetric": int4_symmetric} if fmt == "merged-int4" else None,
+            "run_dir": str(run_dir),
+        }
+        write_json_atomic(tmp / SUMMARY, info)
+        result = parity.check(EdgeModel(tmp), ref, fmt, examples[:metric_examples])
+        info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
+        write_json_atomic(tmp / SUMMARY, info)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"exported {fmt} to {out_dir}: {sum(info['files'].values()) / 2**20:.2f} MiB; max |logit diff| "
+        f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
+        f"(PyTorch {result['metric_pytorch']:.4g})"
+        + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
+    return info
+
+
+def export_adapter_only(run_dir: Path, path: Path, overwrite: bool = False) -> dict[str, int]:
+    """Write just a run's .onnx_adapter, for a swappable graph exported from another run on the same base."""
+    if path.exists() and not overwrite:
+        raise RunDirError(f"{path} already exists; pass --overwrite to replace it")
+    run = load_trained(run_dir)
+    prune_adapters(run.layers)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        ranks = write_adapter_file(run, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ranks
+
+
+def summary_text(info: dict) -> str:
+    return json.dumps({k: info[k] for k in ("format", "files", "parity", "seconds")}, indent=2)

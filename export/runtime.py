@@ -1,0 +1,168 @@
+"""Running an exported folder with ONNX Runtime alone: no torch import on this path.
+
+An export folder holds `model.onnx`, `tokenizer.json`, `qelalora_export.json`
+(format, task, labels, the run's data section) and, for the swappable format,
+`adapter.onnx_adapter`. Decoders are run with their KV cache (optimum's input
+layout: input_ids, attention_mask, position_ids, past_key_values.N.key/value).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from qelalora.errors import UserError
+
+SUMMARY = "qelalora_export.json"
+
+
+class EdgeTokenizer:
+    """The `tokenizers` library behind the small interface `qelalora.records` needs."""
+
+    def __init__(self, path: Path, eos_token_id: int | None, pad_token_id: int | None):
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_file(str(path))
+        self.tok.no_padding()
+        self.tok.no_truncation()
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+
+    def __call__(self, text, truncation=False, max_length=None, add_special_tokens=True):
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        if truncation and max_length:
+            ids = [x[:max_length] for x in ids]
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+class EdgeModel:
+    """An exported model, ready for classification, generation and evaluation."""
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        folder = Path(folder)
+        if not (folder / SUMMARY).is_file() or not (folder / "model.onnx").is_file():
+            raise UserError(f"{folder} is not a qelalora export (needs model.onnx and {SUMMARY}); run qelalora export first")
+        self.folder = folder
+        self.info = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+        self.task = self.info["task"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.run_options = ort.RunOptions()
+        adapter = folder / "adapter.onnx_adapter"
+        if adapter.is_file():
+            self.use_adapter(adapter)
+        self.tokenizer = EdgeTokenizer(folder / "tokenizer.json", self.info.get("eos_token_id"), self.info.get("pad_token_id"))
+        self.pad_id = self.info.get("pad_token_id") or 0
+        self.has_cache = any(n.startswith("past_key_values.") for n in self.inputs)
+
+    def use_adapter(self, path: Path) -> None:
+        """Make the adapter in `path` (an .onnx_adapter file) the active one."""
+        self._adapter = ort.LoraAdapter()  # kept alive: RunOptions only refers to it
+        self._adapter.Load(str(path))
+        self.run_options = ort.RunOptions()
+        self.run_options.add_active_adapter(self._adapter)
+
+    def _feed_ids(self, rows: list[list[int]]) -> dict[str, np.ndarray]:
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        feed = {}
+        for name, meta in self.inputs.items():
+            if name.startswith("past_key_values."):
+                heads, dim = meta.shape[1], meta.shape[3]
+                feed[name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
+        return feed
+
+    def logits(self, rows: list[list[int]]) -> np.ndarray:
+        """Logits for right-padded token rows (no cache: one full forward)."""
+        feed = self._feed_ids(rows)
+        if "position_ids" in self.inputs:
+            feed["position_ids"] = np.maximum(np.cumsum(feed["attention_mask"], axis=1) - 1, 0)
+        if self.has_cache:
+            feed.update(self._empty_past(len(rows)))
+        feed = {k: v for k, v in feed.items() if k in self.inputs}
+        return self.session.run(["logits"], feed, self.run_options)[0]
+
+    def classify(self, texts: list[str]) -> list[dict]:
+        max_length = self.info["data"]["max_length"]
+        rows = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        logits = self.logits(rows)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        return [{"label": int(p.argmax()), "probabilities": [round(float(x), 4) for x in p]} for p in probs]
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32) -> list[int]:
+        """Greedy decoding with the KV cache; returns the new token ids."""
+        if not self.has_cache:  # logits-only graph (swappable decoders): one full forward per token
+            new = []
+            for _ in range(max_new_tokens):
+                token = int(self.logits([list(prompt_ids) + new])[0, -1].argmax())
+                new.append(token)
+                if token == self.info.get("eos_token_id"):
+                    break
+            return new
+        ids = np.array([prompt_ids], dtype=np.int64)
+        mask = np.ones_like(ids)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": np.arange(ids.shape[1])[None], **self._empty_past(1)}
+        out_names = [o.name for o in self.session.get_outputs()]
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            outputs = dict(zip(out_names, self.session.run(out_names, {k: v for k, v in feed.items() if k in self.inputs}, self.run_options)))
+            token = int(outputs["logits"][0, -1].argmax())
+            new.append(token)
+            if token == self.info.get("eos_token_id"):
+                break
+            past_len = mask.shape[1]
+            mask = np.ones((1, past_len + 1), dtype=np.int64)
+            feed = {"input_ids": np.array([[token]], dtype=np.int64), "attention_mask": mask,
+                    "position_ids": np.array([[past_len]], dtype=np.int64)}
+            for name in out_names:
+                if name.startswith("present."):
+                    feed["past_key_values." + name[len("present."):]] = outputs[name]
+        return new
+
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        return self.tokenizer.decode(self.generate_ids(self.tokenizer(prompt)["input_ids"], max_new_tokens))
+
+    def evaluate(self, examples: list[dict], batch_size: int = 16) -> dict:
+        """Accuracy (classification) or token-weighted loss and perplexity (causal LM)."""
+        if not examples:
+            raise UserError("no examples to evaluate")
+        if self.task == "seq-cls":
+            correct = 0
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                pred = self.logits([e["input_ids"] for e in chunk]).argmax(-1)
+                correct += int(sum(int(p) == e["labels"] for p, e in zip(pred, chunk)))
+            return {"accuracy": correct / len(examples), "examples": len(examples)}
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            logits = self.logits([e["input_ids"] for e in chunk])
+            for row, e in zip(logits, chunk):
+                labels = np.array(e.get("labels", e["input_ids"]))[1:]
+                pred = row[: len(labels)]
+                keep = labels != -100
+                logp = pred - pred.max(-1, keepdims=True)
+                logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+                loss_sum -= float(logp[np.arange(len(labels))[keep], labels[keep]].sum())
+                tokens += int(keep.sum())
+        loss = loss_sum / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}

@@ -1,0 +1,164 @@
+"""`qelalora export`: every format on tiny Llama and BERT runs, checked with ONNX Runtime."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qelalora.export.exporter import FORMATS, export_adapter_only, export_run
+from qelalora.export.parity import THRESHOLDS
+from qelalora.export.runtime import EdgeModel
+from tests.cli_helpers import run_cli, write_cls_data, write_lm_data, write_recipe
+
+
+def _train(tmp_path_factory, name, model_dir, causal, **elalora):
+    folder = tmp_path_factory.mktemp(name)
+    data = write_lm_data(folder / "d.jsonl") if causal else write_cls_data(folder / "d.jsonl")
+    recipe = write_recipe(folder / "r.yaml", model_dir, data, causal=causal,
+                          elalora={"budget_mb": 0.3, "t_init": 5, "t_final": 8, "delta": 3, "b0": 3, **elalora})
+    from qelalora.job import run_train
+    from qelalora.recipe import load_recipe
+
+    run_train(load_recipe(str(recipe)), folder / "run", progress=False, log=lambda *a: None)
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory, tiny_bert_dir):
+    return _train(tmp_path_factory, "bert", tiny_bert_dir, False)
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, tiny_llama_dir):
+    return _train(tmp_path_factory, "llama", tiny_llama_dir, True)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_every_format_exports_and_passes_parity(fmt, arch, request, tmp_path):
+    run = request.getfixturevalue(f"{arch}_run")
+    info = export_run(run, tmp_path / "out", fmt, log=lambda *a: None)
+    parity = info["parity"]
+    if THRESHOLDS[fmt] is not None:
+        assert parity["max_abs_logit_diff"] <= THRESHOLDS[fmt]
+        assert parity["argmax_agreement"] == 1.0
+    else:  # quantised formats report the task metric delta
+        assert parity["metric"] in ("accuracy", "perplexity") and np.isfinite(parity["metric_delta"])
+    if arch == "llama" and THRESHOLDS[fmt] is not None:
+        assert parity["greedy_tokens_equal"]
+    files = json.loads((tmp_path / "out" / "qelalora_export.json").read_text())["files"]
+    assert "model.onnx" in files and "tokenizer.json" in files
+    assert (fmt == "swappable") == ((tmp_path / "out" / "adapter.onnx_adapter").is_file())
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    assert ("MatMulBnb4" in ops) == (fmt in ("nf4-adapters", "swappable"))
+    assert ("MatMulNBits" in ops) == (fmt == "merged-int4")
+
+
+def test_int4_is_smaller_than_fp32(bert_run, tmp_path):
+    sizes = {}
+    for fmt in ("merged-fp32", "merged-int4"):
+        sizes[fmt] = export_run(bert_run, tmp_path / fmt, fmt, log=lambda *a: None)["files"]["model.onnx"]
+    assert sizes["merged-int4"] < 0.6 * sizes["merged-fp32"]
+
+
+def test_layer_at_rank_zero_leaves_no_branch(bert_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(bert_run, run)
+    tensors = load_file(run / "adapter" / "adapter.safetensors")
+    dead = "bert.encoder.layer.0.attention.self.query"
+    tensors[f"{dead}.lora_E"] = torch.zeros_like(tensors[f"{dead}.lora_E"])  # every triplet of it is now zero
+    save_file(tensors, run / "adapter" / "adapter.safetensors", {"format": "qelalora-elalora-1"})
+    info = export_run(run, tmp_path / "out", "nf4-adapters", log=lambda *a: None)
+    assert info["ranks"][dead] == 0 and dead in info["prune"]["removed_layers"]
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    names = {i.name for i in graph.initializer}
+    assert f"model.{dead}.absmax" in names  # its base is there, in NF4 (the traced wrapper holds the model as `model`)
+    # every base linear is a MatMulBnb4 and the heads are Gemm: the only MatMul weights are the branches, two per live layer
+    weights = {i.name: tuple(i.dims) for i in graph.initializer}
+    branch = [n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    live = [r for r in info["ranks"].values() if r > 0]
+    assert len(live) == 11 and len(branch) == 2 * len(live)
+    assert sorted(min(weights[n]) for n in branch) == sorted(live + live)  # each branch has its layer's own rank
+
+
+def test_swappable_runs_two_adapters_with_different_ranks(bert_run, tiny_bert_dir, tmp_path_factory, tmp_path):
+    other = _train(tmp_path_factory, "bert2", tiny_bert_dir, False, budget_mb=0.2, b0=5)
+    export_run(bert_run, tmp_path / "graph", "swappable", log=lambda *a: None)
+    ranks_other = export_adapter_only(other, tmp_path / "other.onnx_adapter")
+    ranks_first = json.loads((tmp_path / "graph" / "qelalora_export.json").read_text())["ranks"]
+    assert ranks_first != ranks_other
+
+    from qelalora.data import collate
+    from qelalora.export.trained import heldout_examples, load_trained
+
+    edge = EdgeModel(tmp_path / "graph")
+    for run, adapter in ((bert_run, None), (other, tmp_path / "other.onnx_adapter")):
+        trained = load_trained(run)
+        examples = heldout_examples(trained, 8)
+        batch = collate(examples, 0)
+        with torch.no_grad():
+            expected = trained.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.numpy()
+        if adapter is not None:
+            edge.use_adapter(adapter)
+        got = edge.logits([e["input_ids"] for e in examples])
+        assert np.abs(got - expected).max() <= 1e-3
+
+
+def test_decoder_export_generates_like_pytorch_through_optimum(llama_run, tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from qelalora.export.trained import load_trained
+
+    export_run(llama_run, tmp_path / "out", "nf4-adapters", log=lambda *a: None)
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "out")
+    trained = load_trained(llama_run)
+    prompt = torch.tensor([[5, 17, 33, 8, 40, 12]])
+    with torch.no_grad():
+        expected = trained.model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    got = ort_model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+    assert got.tolist() == expected.tolist()
+    # our own torch-free KV-cache loop agrees too
+    edge = EdgeModel(tmp_path / "out")
+    ids = edge.generate_ids(prompt[0].tolist(), 32)
+    assert ids == expected[0, 6 : 6 + len(ids)].tolist()
+
+
+def test_infer_and_eval_do_not_import_torch(bert_run, tmp_path):
+    export_run(bert_run, tmp_path / "out", "merged-int8", log=lambda *a: None)
+    code = (
+        "import sys\n"
+        "from qelalora.cli import main\n"
+        "for args in (['infer', sys.argv[1], 'good great film', 'dull boring weak'], ['eval', sys.argv[1]]):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert not e.code, e.code\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "torch imported: False"
+    assert json.loads(lines[0])["label"] in (0, 1) and "accuracy" in json.loads(lines[2])
+
+
+def test_export_bad_input(capsys, bert_run, tmp_path):
+    code, _, err = run_cli(capsys, "export", str(tmp_path), "-o", str(tmp_path / "x"))
+    assert code == 2 and "not a finished qelalora run" in err
+    code, _, err = run_cli(capsys, "export", str(bert_run), "-f", "onnx-magic", "-o", str(tmp_path / "x"))
+    assert code == 2 and "unknown format" in err
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "export", str(bert_run), "-f", "merged-fp32", "-o", str(out))
+    assert code == 2 and "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
+    code, _, err = run_cli(capsys, "infer", str(tmp_path), "text")
+    assert code == 2 and "not a qelalora export" in err
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no half-written folders left
