@@ -15,7 +15,9 @@ import torch
 from qelalora.data import collate, evaluate
 from qelalora.errors import UserError
 
-# Max |logit difference| allowed per format; None: report the task-metric delta instead.
+# Max |logit difference| allowed per format, per unit of the largest |logit| (at least 1): a 30-layer
+# LM with logits near 20 accumulates fp32 rounding that a 2-class head does not. None: report the
+# task-metric delta instead.
 THRESHOLDS = {
     "merged-fp32": 1e-4,
     "nf4-adapters": 1e-3,
@@ -72,7 +74,9 @@ def check(edge, ref: Reference, fmt: str, metric_examples: list[dict]) -> dict:
     else:
         diff = float(np.abs(got - ref.logits).max())
         agree = float((got.argmax(-1) == ref.logits.argmax(-1)).mean())
-    result = {"max_abs_logit_diff": diff, "argmax_agreement": agree, "threshold": THRESHOLDS[fmt], "examples": len(ref.rows)}
+    scale = max(1.0, float(np.abs(ref.logits).max()))
+    result = {"max_abs_logit_diff": diff, "logit_scale": scale, "argmax_agreement": agree, "threshold": THRESHOLDS[fmt],
+              "examples": len(ref.rows)}
     metric = edge.evaluate(metric_examples)
     key = "accuracy" if "accuracy" in metric else "perplexity"
     result.update({"metric": key, "metric_pytorch": ref.metric[key], "metric_onnx": metric[key],
@@ -83,8 +87,12 @@ def check(edge, ref: Reference, fmt: str, metric_examples: list[dict]) -> dict:
         result["greedy_tokens_equal"] = tokens == ref.greedy_tokens
         result["greedy_first_mismatch"] = next((i for i in range(n) if tokens[i] != ref.greedy_tokens[i]), None if len(tokens) == len(ref.greedy_tokens) else n)
     threshold = THRESHOLDS[fmt]
-    if threshold is not None and diff > threshold:
-        raise ParityError(f"{fmt}: ONNX Runtime differs from PyTorch by {diff:.3g} in the logits (allowed {threshold:g})")
-    if threshold is not None and ref.greedy_tokens is not None and not result["greedy_tokens_equal"]:
+    if threshold is not None and diff > threshold * scale:
+        raise ParityError(
+            f"{fmt}: ONNX Runtime differs from PyTorch by {diff:.3g} in the logits "
+            f"(allowed {threshold:g} x the largest logit magnitude {scale:.3g} = {threshold * scale:.3g})"
+        )
+    exact = threshold is not None and threshold <= 1e-3  # fp16 may flip a near-tie token: reported, not fatal
+    if exact and ref.greedy_tokens is not None and not result["greedy_tokens_equal"]:
         raise ParityError(f"{fmt}: greedy generation differs from PyTorch at token {result['greedy_first_mismatch']}")
     return result

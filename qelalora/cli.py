@@ -200,8 +200,9 @@ def export(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     prune_threshold: Annotated[float, typer.Option(help="Drop triplets whose update has spectral norm below this.")] = 1e-6,
     int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 (MatMulNBits).")] = 32,
-    int4_asymmetric: Annotated[bool, typer.Option(help="Asymmetric int4 blocks (with zero points).")] = False,
+    int4_symmetric: Annotated[bool, typer.Option(help="Symmetric int4 blocks (no zero points; default asymmetric).")] = False,
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
+    metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison.")] = 64,
 ):
     """Export a trained run to ONNX and check it against PyTorch with ONNX Runtime.
 
@@ -220,7 +221,8 @@ def export(
         ranks = export_adapter_only(run_dir, adapter_only, overwrite)
         typer.echo(f"wrote {adapter_only}: total rank {sum(ranks.values())} over {sum(1 for r in ranks.values() if r)} live layers")
         return
-    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, int4_block_size, not int4_asymmetric)
+    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, int4_block_size,
+               int4_symmetric, metric_examples=metric_examples)
 
 
 @app.command()

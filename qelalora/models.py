@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import UserError
-from .layer import ElaLoRALinear, base_weight_shape
+from .layer import ElaLoRALinear
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,10 @@ def test_resume_of_a_folder_that_is_not_a_run(capsys, tmp_path):
 def test_report_of_unfinished_run(capsys, tmp_path):
     (tmp_path / "report.json").write_text(json.dumps({"steps": 1}))
     _fails(capsys, ["report", str(tmp_path)], 2, "not a finished run")
+
+
+def test_unsupported_architecture(capsys, tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
+    _fails(capsys, ["plan", "--model", str(tmp_path / "gpt2")], 2, "architecture 'gpt2' is not supported", "llama")

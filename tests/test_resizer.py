@@ -1,9 +1,7 @@
 import pytest
 import torch
-import torch.nn as nn
 
 from qelalora.allocator import RoundPlan
-from qelalora.layer import ElaLoRALinear
 from qelalora.resizer import NEW_TRIPLET_E, apply_plan, orthogonal_unit_rows, resize_layer
 from qelalora.training import build_optimizer
 from tests.helpers import plain_layer

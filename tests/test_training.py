@@ -91,7 +91,7 @@ def test_same_seed_same_ranks_and_weights(tiny_bert_dir):
 
     a, b = run(), run()
     assert a.ranks.history and a.ranks.rank_pattern() == b.ranks.rank_pattern()
-    for (na, la), (nb, lb) in zip(a.layers.items(), b.layers.items()):
+    for (na, la), (_, lb) in zip(a.layers.items(), b.layers.items()):
         for pa, pb in zip(la.adapter_params(), lb.adapter_params()):
             assert torch.equal(pa, pb), na
     for pa, pb in zip(a.head_params, b.head_params):

@@ -1,0 +1,170 @@
+"""Exported formats side by side: size, ONNX Runtime CPU latency, ratio to PyTorch NF4, metric delta.
+
+Takes finished runs (train them first, see BENCHMARKS.md), exports each in
+every format, and times in one process, interleaved with the PyTorch NF4
+model the run trained:
+- encoders: a forward at batch 1 and batch 8 (sequence = the recipe's max_length);
+- decoders: a 128-token prefill and per-token greedy decode with the KV cache,
+  and the decode time against the memory-bandwidth bound (bytes of weights
+  read per token / measured read bandwidth of this machine).
+
+    python bench/export_latency.py --run runs/bench-minilm --run runs/bench-smollm2 [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from qelalora.export.exporter import FORMATS, export_run
+from qelalora.export.runtime import EdgeModel
+from qelalora.export.trained import heldout_examples, load_trained
+
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth() -> float:
+    """Bytes per second this machine reads: a sum over 1 GiB with all of torch's threads (as ORT uses them)."""
+    data = torch.ones(256 * 2**20, dtype=torch.float32)
+    t = median_time(lambda: data.sum(), 5)
+    return data.numel() * data.element_size() / t
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes a decode step must read: every initializer except tables only looked up by Gather (one row per token)."""
+    graph = onnx.load(str(path)).graph
+    gathered, used_otherwise = set(), set()
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            (gathered if node.op_type == "Gather" and i == 0 else used_otherwise).add(name)
+    return sum(
+        onnx.numpy_helper.to_array(init).nbytes
+        for init in graph.initializer
+        if init.name in used_otherwise or init.name not in gathered
+    )
+
+
+def encoder_rows(run, batch: int) -> list[list[int]]:
+    examples = heldout_examples(run, batch)
+    width = run.recipe.data.max_length
+    return [(e["input_ids"] + [run.tokenizer.pad_token_id or 0] * width)[:width] for e in examples[:batch]]
+
+
+def torch_encoder(run, rows):
+    ids = torch.tensor(rows)
+    mask = torch.ones_like(ids)
+    return lambda: run.model(input_ids=ids, attention_mask=mask)
+
+
+def torch_decode_step(run, prompt: list[int]):
+    """PyTorch NF4: one greedy decode step after a prefill of `prompt` (cache rebuilt each time)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = run.model(input_ids=ids, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    def step():
+        import copy
+
+        run.model(input_ids=nxt, past_key_values=copy.deepcopy(past), use_cache=True)
+
+    return step
+
+
+def edge_decode_step(edge: EdgeModel, prompt: list[int]):
+    names = [o.name for o in edge.session.get_outputs()]
+    feed = {"input_ids": np.array([prompt]), "attention_mask": np.ones((1, len(prompt)), dtype=np.int64),
+            "position_ids": np.arange(len(prompt))[None], **edge._empty_past(1)}
+    outs = dict(zip(names, edge.session.run(names, feed)))
+    step_feed = {"input_ids": np.array([[int(outs["logits"][0, -1].argmax())]]),
+                 "attention_mask": np.ones((1, len(prompt) + 1), dtype=np.int64), "position_ids": np.array([[len(prompt)]])}
+    for n in names:
+        if n.startswith("present."):
+            step_feed["past_key_values." + n[len("present."):]] = outs[n]
+    return lambda: edge.session.run(["logits"], step_feed)
+
+
+def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, metric_examples: dict) -> dict:
+    run = load_trained(run_dir)
+    causal = run.task == "causal-lm"
+    result = {"run": str(run_dir), "model": run.recipe.model.name, "task": run.task, "formats": {}}
+    with torch.no_grad():
+        if causal:
+            prompt = heldout_examples(run, 1)[0]["input_ids"][:128]
+            ids = torch.tensor([prompt])
+            torch_times = {"prefill_128": median_time(lambda: run.model(input_ids=ids), repeats),
+                           "decode_token": median_time(torch_decode_step(run, prompt), repeats)}
+        else:
+            rows1, rows8 = encoder_rows(run, 1), encoder_rows(run, 8)
+            torch_times = {"batch_1": median_time(torch_encoder(run, rows1), repeats),
+                           "batch_8": median_time(torch_encoder(run, rows8), repeats)}
+    result["pytorch_nf4_s"] = torch_times
+    for fmt in FORMATS:
+        if causal and fmt == "swappable":
+            continue  # logits-only decoder graph: no KV cache to time decode with
+        folder = out_root / f"{run_dir.name}-{fmt}"
+        info = export_run(run_dir, folder, fmt, overwrite=True, metric_examples=metric_examples[run.task], log=lambda *a: None)
+        edge = EdgeModel(folder)
+        if causal:
+            times = {"prefill_128": median_time(lambda: edge.logits([prompt]), repeats),
+                     "decode_token": median_time(edge_decode_step(edge, prompt), repeats)}
+            read = weight_bytes(folder / "model.onnx")
+            times["bandwidth_bound_s"] = read / bandwidth
+            times["decode_vs_bound"] = times["decode_token"] / times["bandwidth_bound_s"]
+            times["weight_bytes_read_per_token"] = read
+        else:
+            times = {"batch_1": median_time(lambda: edge.logits(rows1), repeats),
+                     "batch_8": median_time(lambda: edge.logits(rows8), repeats)}
+        ratios = {k: times[k] / torch_times[k] for k in torch_times}
+        parity = info["parity"]
+        result["formats"][fmt] = {
+            "bytes": sum(info["files"][n] for n in info["files"] if n.startswith("model.onnx") or n.endswith(".onnx_adapter")),
+            "ort_s": times,
+            "ratio_to_pytorch_nf4": ratios,
+            "max_abs_logit_diff": parity["max_abs_logit_diff"],
+            "metric": parity["metric"],
+            "metric_pytorch": parity["metric_pytorch"],
+            "metric_delta": parity["metric_delta"],
+        }
+        print(json.dumps({fmt: result["formats"][fmt]}))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", required=True, type=Path)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cls-examples", type=int, default=1000, help="held-out examples for the accuracy delta")
+    parser.add_argument("--lm-examples", type=int, default=100, help="held-out blocks for the perplexity delta")
+    parser.add_argument("--out", type=Path, default=Path("bench/out/export_latency.json"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")
+    report = {"date": time.strftime("%Y-%m-%d"), "read_bandwidth_bytes_per_s": bandwidth, "torch_threads": torch.get_num_threads(),
+              "runs": [bench_run(r, args.out.parent / "exports", args.repeats, bandwidth,
+                                 {"seq-cls": args.cls_examples, "causal-lm": args.lm_examples}) for r in args.run]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
