@@ -22,7 +22,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import UserError
 from .training import TrainState
+
+
+class CheckpointWriteError(UserError):
+    """A checkpoint could not be written (disk full, folder not writable); earlier ones are untouched."""
+
+    exit_code = 5
 
 TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
 PREFIX = "step-"
@@ -101,17 +108,24 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, keep: int = 2
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = root / f".partial-{PREFIX}{state.step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(f".partial-{PREFIX}*"):  # left by a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
-    tensors, meta = collect(state, extra)
-    save_file(tensors, tmp / TENSORS)
-    write_json_atomic(tmp / STATE, meta)
-    _fsync(tmp / TENSORS)
-    write_json_atomic(tmp / MANIFEST, {"step": state.step, TENSORS: _sha256(tmp / TENSORS), STATE: _sha256(tmp / STATE)})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync(root)
+    try:
+        tensors, meta = collect(state, extra)
+        save_file(tensors, tmp / TENSORS)
+        write_json_atomic(tmp / STATE, meta)
+        _fsync(tmp / TENSORS)
+        write_json_atomic(tmp / MANIFEST, {"step": state.step, TENSORS: _sha256(tmp / TENSORS), STATE: _sha256(tmp / STATE)})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in list_checkpoints(run_dir)]
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"could not write checkpoint {final.name} ({err.strerror or err}); {kept}") from err
     for old in sorted(list_checkpoints(run_dir))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

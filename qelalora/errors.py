@@ -25,6 +25,12 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+class OutOfMemory(UserError):
+    """The step did not fit in memory."""
+
+    exit_code = 4
+
+
 class Interrupted(UserError):
     """Stopped by the user (Ctrl-C) after a checkpoint was written."""
 

@@ -24,7 +24,7 @@ from .budget import LayerShape, OptimizerCost, RankPlan, head_bytes, mib, plan_i
 from .config import steps_of
 from .data import BatchStream, evaluate
 from .records import TaskData, load_task_data
-from .errors import Interrupted, RunDirError, TrainingDiverged, UserError
+from .errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, UserError
 from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
 from .models import ArchSpec, arch_spec, head_params, load_base_model, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
@@ -134,6 +134,11 @@ def memory_plan(recipe: Recipe) -> MemoryPlan:
         budget_bytes=e.budget_bytes,
     )
     return MemoryPlan(rp, fp, len(paths), recipe.model.name, recipe.train.batch_size, recipe.data.max_length)
+
+
+def _is_oom(err: RuntimeError) -> bool:
+    text = str(err).lower()
+    return "out of memory" in text or "not enough memory" in text or "can't allocate memory" in text
 
 
 def _loss(model, batch):
@@ -289,7 +294,17 @@ def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwr
     with _StopFlag() as flag:
         while state.step < t.steps:
             batch = {k: v.to(run.device) for k, v in next(run.stream).items()}
-            loss = train_step(state, batch, _loss)
+            try:
+                loss = train_step(state, batch, _loss)
+            except (MemoryError, RuntimeError) as err:
+                if not isinstance(err, MemoryError) and not _is_oom(err):
+                    raise
+                last = ckpt.latest_good_checkpoint(run_dir, warn=log)
+                raise OutOfMemory(
+                    f"step {state.step + 1} ran out of memory ({str(err).splitlines()[0][:160]}). Lower train.batch_size "
+                    f"(now {t.batch_size}) or data.max_length (now {recipe.data.max_length}), or the budget; "
+                    + (f"--resume {run_dir} continues from {last.name}" if last else "no checkpoint had been written yet")
+                ) from None
             if not math.isfinite(loss):
                 last = ckpt.latest_good_checkpoint(run_dir, warn=log)
                 where = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"

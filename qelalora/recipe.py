@@ -146,10 +146,16 @@ def _check_ranges(recipe: Recipe, errors: list[str]) -> None:
     for key in ("val_size", "test_size"):
         v = getattr(d, key)
         need(v >= 0, f"data.{key}: must be >= 0, got {v}")
-    need(t.steps >= 1, f"train.steps: must be >= 1, got {t.steps}")
+    need(1 <= t.steps <= 10**8, f"train.steps: must be between 1 and 100,000,000, got {t.steps}")
+    need(d.max_length <= 1 << 20, f"data.max_length: must be at most 1,048,576, got {d.max_length}")
+    need(m.num_labels <= 1 << 20, f"model.num_labels: must be at most 1,048,576, got {m.num_labels}")
+    need(e.max_init_rank <= 1 << 16 and e.k <= 1 << 16 and e.b0 <= 1 << 20, "elalora.max_init_rank, k and b0: unreasonably large")
     need(1 <= t.batch_size <= 65536, f"train.batch_size: must be between 1 and 65536, got {t.batch_size}")
     need(0 < t.lr < 1, f"train.lr: must be between 0 and 1, got {t.lr}")
     need(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
+    need(0 <= t.seed < 2**63 and 0 <= d.split_seed < 2**63, "train.seed and data.split_seed: must be between 0 and 2^63 - 1")
+    need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    need(d.max_train_examples is None or d.max_train_examples >= 1, "data.max_train_examples: must be >= 1 (or null)")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"train.device: auto, cpu or cuda, got {t.device!r}")
     for key in ("eval_every", "checkpoint_every", "log_every", "eval_batches"):
         need(getattr(t, key) >= 0, f"train.{key}: must be >= 0, got {getattr(t, key)}")

@@ -1,8 +1,11 @@
 """A run killed at any moment and resumed ends exactly where an uninterrupted one does."""
 
 import json
+import random
 import signal
 import time
+
+import pytest
 
 import torch
 from safetensors.torch import load_file
@@ -86,3 +89,42 @@ def test_ctrl_c_checkpoints_and_damaged_checkpoint_falls_back(tmp_path, tiny_ber
     assert code == 0, out
     assert f"checkpoint {newest.name} is damaged" in out and f"resumed from {ckpts[-2].name}" in out
     assert json.loads((run / "report.json").read_text())["steps"] == STEPS
+
+
+@pytest.mark.slow
+def test_ten_sigkills_at_random_moments(tmp_path, tiny_bert_dir):
+    """SIGKILL at random moments (three of them aimed at a checkpoint being written); every trial ends equal."""
+    from qelalora.checkpoint import list_checkpoints, verify
+
+    recipe = str(write_recipe(
+        tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"),
+        train={"steps": 30, "checkpoint_every": 1, "log_every": 1, "keep_checkpoints": 3},
+        elalora={"budget_mb": 0.3, "t_init": 3, "t_final": 6, "delta": 2, "b0": 3},
+    ))
+    ref = tmp_path / "ref"
+    assert _finish(cli_process("train", "-r", recipe, "-o", str(ref), "--no-progress"))[0] == 0
+    rng = random.Random(2026)
+    caught_writing = 0
+    for trial in range(10):
+        run = tmp_path / f"trial{trial}"
+        proc = cli_process("train", "-r", recipe, "-o", str(run), "--no-progress")
+        deadline = time.time() + 120
+        while not (run / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        if trial < 3:  # aim at a checkpoint write: kill as soon as a partial folder shows up
+            while proc.poll() is None and not list((run / "checkpoints").glob(".partial-*")) and time.time() < deadline:
+                time.sleep(0.0005)
+        else:
+            time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        caught_writing += bool(list((run / "checkpoints").glob(".partial-*")))
+        for c in list_checkpoints(run):
+            assert verify(c) is None, (trial, c.name)  # no finished-looking checkpoint is ever broken
+        if list_checkpoints(run):
+            code, out = _finish(cli_process("train", "--resume", str(run), "--no-progress"))
+        else:  # killed before the first checkpoint: nothing to resume, start again
+            code, out = _finish(cli_process("train", "-r", recipe, "-o", str(run), "--overwrite", "--no-progress"))
+        assert code == 0, (trial, out)
+        _same_adapters(ref, run)
+    assert caught_writing >= 1

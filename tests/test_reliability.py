@@ -1,0 +1,206 @@
+"""Faults and hostile input: disk full, unwritable folders, out of memory, fuzzed files, safe loading."""
+
+import errno
+import json
+import random
+import re
+import string
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qelalora import checkpoint as ckpt
+from qelalora.errors import UserError
+from qelalora.recipe import recipe_from_dict
+from tests.cli_helpers import run_cli, write_cls_data, write_recipe
+
+FUZZ_CASES = {"recipe": 300, "recipe_text": 300, "data": 200, "metadata": 100}
+
+
+@pytest.fixture()
+def bert_recipe(tmp_path, tiny_bert_dir):
+    return str(write_recipe(tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"),
+                            train={"steps": 12, "checkpoint_every": 2},
+                            elalora={"budget_mb": 0.3, "t_init": 2, "t_final": 3, "delta": 2, "b0": 2}))
+
+
+def test_disk_full_during_checkpoint_keeps_the_previous_one(capsys, tmp_path, bert_recipe, monkeypatch):
+    calls = {"n": 0}
+    real = ckpt.save_file
+
+    def flaky(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third checkpoint (step 6) hits a full disk half-way
+            Path(path).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "save_file", flaky)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "-r", bert_recipe, "-o", str(run), "--no-progress")
+    assert code == 5 and "could not write checkpoint step-00000006 (No space left on device)" in err
+    assert "the previous checkpoint step-00000004 is intact" in err and "Traceback" not in err
+    good = ckpt.latest_good_checkpoint(run)
+    assert good.name == "step-00000004" and ckpt.verify(good) is None
+    assert not list((run / "checkpoints").glob(".partial-*"))
+    monkeypatch.setattr(ckpt, "save_file", real)
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
+    assert code == 0, err
+    assert json.loads((run / "report.json").read_text())["steps"] == 12
+
+
+def test_output_folder_not_writable(capsys, tmp_path, bert_recipe):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, "train", "-r", bert_recipe, "-o", str(blocker / "run"))
+    assert code == 5 and "check that the folder is writable" in err and "Traceback" not in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_out_of_memory_gives_advice(capsys, tmp_path, bert_recipe, monkeypatch):
+    from qelalora import job
+
+    real = job.train_step
+
+    def oom_at_five(state, batch, loss_fn):
+        if state.step == 4:
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 68719476736 bytes.")
+        return real(state, batch, loss_fn)
+
+    monkeypatch.setattr(job, "train_step", oom_at_five)
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "-r", bert_recipe, "-o", str(run), "--no-progress")
+    assert code == 4 and "step 5 ran out of memory" in err and "Lower train.batch_size (now 8)" in err
+    assert f"--resume {run} continues from step-00000004" in err
+    assert ckpt.verify(ckpt.latest_good_checkpoint(run)) is None
+
+
+# ---- fuzzing: every case ends in a clean error or a valid result, never another exception ----
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**30), 10**30) | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+section_keys = st.sampled_from(["model", "data", "train", "elalora", "description", "extra"])
+field_keys = st.sampled_from(["name", "quantize", "steps", "lr", "batch_size", "budget_mb", "rank", "targets", "max_length",
+                              "t_init", "t_final", "delta", "seed", "source", "num_labels", "k", "b0", "r_min", "bogus"])
+
+
+@settings(max_examples=FUZZ_CASES["recipe"], deadline=None)
+@given(st.dictionaries(section_keys, st.dictionaries(field_keys, json_values, max_size=6) | json_values, max_size=5))
+def test_fuzzed_recipes_end_in_a_clear_error_or_a_valid_recipe(raw):
+    try:
+        recipe = recipe_from_dict(raw)
+    except UserError as err:
+        assert str(err)
+        return
+    assert recipe.train.steps >= 1 and recipe.elalora.budget_mb > 0
+
+
+@settings(max_examples=FUZZ_CASES["recipe_text"], deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(
+    st.text(max_size=200),
+    st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
+    st.integers(1, 3000).map(lambda n: "a: " * n + "1"),  # deeply nested mappings
+    st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),  # deeply nested lists
+    st.just("model: !!python/object/apply:os.system ['true']"),
+    st.just("train: {steps: 1e999, lr: .nan}"),
+))
+def test_fuzzed_recipe_files(tmp_path, text):
+    from qelalora.recipe import load_recipe
+
+    path = tmp_path / "fuzz.yaml"
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))
+    try:
+        load_recipe(str(path))
+    except UserError:
+        pass
+
+
+class _SplitTokenizer:
+    """A torch-free tokenizer stand-in: one id per character."""
+
+    eos_token_id, pad_token_id = 1, 0
+
+    def __call__(self, text, truncation=False, max_length=None, add_special_tokens=True):
+        texts = [text] if isinstance(text, str) else text
+        ids = [[2 + (ord(c) % 50) for c in t][: max_length if truncation else None] for t in texts]
+        return {"input_ids": ids[0] if isinstance(text, str) else ids}
+
+
+@settings(max_examples=FUZZ_CASES["data"], deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from([".jsonl", ".csv", ".txt"]), st.one_of(
+    st.binary(max_size=300),
+    st.lists(json_values, max_size=8).map(lambda rows: "\n".join(json.dumps(r) for r in rows).encode()),
+    st.lists(st.tuples(st.text(max_size=30), json_values), max_size=8).map(
+        lambda rows: "\n".join(json.dumps({"text": t, "label": l}) for t, l in rows).encode()),
+    st.lists(st.tuples(st.text(string.printable, max_size=20), st.text(max_size=4)), max_size=8).map(
+        lambda rows: ("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows)).encode("utf-8", "surrogatepass")),
+), st.sampled_from(["seq-cls", "causal-lm"]))
+def test_fuzzed_data_files(tmp_path, suffix, content, task):
+    from qelalora.recipe import DataSection
+    from qelalora.records import load_task_data
+
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    try:
+        data = load_task_data(DataSection(source=str(path), max_length=16, val_size=1, test_size=1), task, _SplitTokenizer())
+    except UserError:
+        return
+    assert data.train and all(isinstance(e["input_ids"], list) for e in data.train)
+
+
+@settings(max_examples=FUZZ_CASES["metadata"], deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.sampled_from(["report.json", "rank_pattern.json", "memory.json"]), json_values | st.binary(max_size=50))
+def test_fuzzed_run_metadata(capsys, tmp_path, name, value):
+    run = tmp_path / "run"
+    run.mkdir(exist_ok=True)
+    good = {"report.json": {"steps": 1, "seconds": 1, "metrics": {}, "total_rank": {"initial": 1, "final": 1},
+                            "rank_rounds": 0, "adapter_bytes_final": 1, "budget_bytes": 2},
+            "rank_pattern.json": {"initial": {"a.0.q": 1}, "final": {"a.0.q": 1}, "total_rank": {"initial": 1, "final": 1}, "rounds": []},
+            "memory.json": {"footprint": {"total_bytes": 1}, "measured_training_bytes": 1, "measured_peak_bytes": 1, "measured": "x"}}
+    for n, v in good.items():
+        (run / n).write_text(json.dumps(v))
+    (run / name).write_bytes(value if isinstance(value, bytes) else json.dumps(value).encode())
+    code, out, err = run_cli(capsys, "report", str(run))
+    assert code in (0, 2) and "Traceback" not in err
+    if code:
+        assert err.startswith("error: ")
+
+
+def test_fuzz_case_counts_are_reported():
+    # BENCHMARKS.md/README quote the number of fuzz cases; keep it in one place
+    assert sum(FUZZ_CASES.values()) == 900
+
+
+# ---- safe loading ----
+
+def test_no_pickle_anywhere_in_the_product():
+    root = Path(__file__).resolve().parents[1]
+    for path in list((root / "qelalora").rglob("*.py")) + list((root / "export").rglob("*.py")):
+        text = path.read_text()
+        assert "torch.load(" not in text and "import pickle" not in text and "yaml.load(" not in text, path
+        assert "trust_remote_code=True" not in text, path
+
+
+def test_trust_remote_code_is_off_by_default_and_announced(capsys, tiny_bert_dir):
+    from qelalora.recipe import load_recipe
+
+    assert load_recipe(None).model.trust_remote_code is False
+    code, out, _ = run_cli(capsys, "plan", "--model", tiny_bert_dir, "--set", "model.trust_remote_code=true",
+                           "--set", "data.max_length=32")
+    assert code == 0 and "trust_remote_code is on" in out
+    code, out, _ = run_cli(capsys, "plan", "--model", tiny_bert_dir, "--set", "data.max_length=32")
+    assert code == 0 and "trust_remote_code" not in out
+
+
+def test_run_outputs_stay_inside_the_run_dir(capsys, tmp_path, bert_recipe):
+    run = tmp_path / "nested" / "run"
+    before = {p for p in tmp_path.rglob("*")}
+    assert run_cli(capsys, "train", "-r", bert_recipe, "-o", str(run), "--no-progress")[0] == 0
+    created = {p for p in tmp_path.rglob("*")} - before
+    assert all(p == run.parent or run in p.parents or p == run for p in created), [p for p in created if run not in p.parents]
