@@ -312,13 +312,11 @@ def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwr
                     f"the loss became {loss} at step {state.step}; training stopped and {where}. "
                     "Lower train.lr (or raise warmup) and start again, or --resume to retry from the checkpoint."
                 )
-            lr = state.scheduler.get_last_lr()[0]
+            lr, used, rank = state.scheduler.get_last_lr()[0], state.ranks.adapter_bytes(), state.ranks.total_rank
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rank=state.ranks.total_rank,
-                            mb=f"{mib(state.ranks.adapter_bytes()):.1f}/{budget_mb:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rank=rank, mb=f"{mib(used):.1f}/{budget_mb:.0f}")
             if t.log_every and state.step % t.log_every == 0:
-                _append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "total_rank": state.ranks.total_rank,
-                                               "adapter_bytes": state.ranks.adapter_bytes()})
+                _append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "total_rank": rank, "adapter_bytes": used})
             if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
                 val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device, t.eval_batches)
                 _append_metrics(metrics_path, {"step": state.step, "val": val})
