@@ -202,6 +202,3 @@ def export_adapter_only(run_dir: Path, path: Path, overwrite: bool = False) -> d
         tmp.unlink(missing_ok=True)
     return ranks
 
-
-def summary_text(info: dict) -> str:
-    return json.dumps({k: info[k] for k in ("format", "files", "parity", "seconds")}, indent=2)

@@ -126,6 +126,8 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> dict[str, ElaLoRALinear
             else:
                 value = tensors[f"{path}.{t}"]
             getattr(layer, t).data = value.to(getattr(layer, t).device)
+            for kind in ("ibar", "ubar"):  # score EMAs are not saved with an adapter: start them at zero, right-sized
+                setattr(layer, f"{t}_{kind}", torch.zeros_like(getattr(layer, t)))
     params = dict(model.named_parameters())
     for name in config["heads"]:
         params[name].data = tensors[f"head/{name}"].to(params[name].device)

@@ -141,11 +141,6 @@ def wrap_linears(
     return layers
 
 
-def adapted_layers(model: nn.Module) -> dict[str, ElaLoRALinear]:
-    """The model's ElaLoRA layers by module path, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, ElaLoRALinear)}
-
-
 def head_params(model: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
     """Trainable head parameters (made trainable here), in a fixed order."""
     params = []

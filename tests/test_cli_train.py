@@ -43,6 +43,9 @@ def test_train_bert_end_to_end(tmp_path, tiny_bert_dir, capsys):
     base, _ = load_base_model(tiny_bert_dir, num_labels=2)
     layers = load_adapter(base, run / "adapter")
     assert {n: l.rank for n, l in layers.items()} == history["final"]
+    for layer in layers.values():  # loaded layers are consistent: score buffers sized like their tensors
+        for t in ("lora_A", "lora_E", "lora_B"):
+            assert all(buf.shape == getattr(layer, t).shape for buf in layer.score_buffers(t))
     peft_base, _ = load_base_model(tiny_bert_dir, num_labels=2)
     peft_model = PeftModel.from_pretrained(peft_base, run / "peft")
     ids = torch.randint(4, 128, (3, 10))
