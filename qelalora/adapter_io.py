@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .checkpoint import write_json_atomic
 from .errors import RunDirError
-from .layer import ElaLoRALinear
+from .layer import ADAPTER_TENSORS, ElaLoRALinear
 from .models import wrap_linears
 
 ADAPTER_FORMAT = "qelalora-elalora-1"
@@ -50,7 +50,7 @@ def save_adapter(
         layer_meta[name] = {"rank": layer.rank, "r0": layer.r0, "scaling": layer.scaling, "d_in": layer.in_features, "d_out": layer.out_features}
         if layer.rank == 0:
             continue
-        for t in ("lora_A", "lora_E", "lora_B"):
+        for t in ADAPTER_TENSORS:
             tensors[f"{name}.{t}"] = getattr(layer, t)
     for name, value in heads.items():
         tensors[f"head/{name}"] = value
@@ -119,7 +119,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> dict[str, ElaLoRALinear
     for path, meta in config["layers"].items():
         layers.update(wrap_linears(model, [path], meta["r0"], config["alpha"]))
         layer = layers[path]
-        for t in ("lora_A", "lora_E", "lora_B"):
+        for t in ADAPTER_TENSORS:
             if meta["rank"] == 0:
                 shape = {"lora_A": (0, layer.in_features), "lora_E": (0,), "lora_B": (layer.out_features, 0)}[t]
                 value = torch.zeros(shape)

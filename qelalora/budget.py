@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
-from .layer import ElaLoRALinear
+from .layer import ADAPTER_TENSORS, ElaLoRALinear
 
 FP32 = 4
 SCORE_BYTES_PER_ELEMENT = 2 * FP32  # Ibar and Ubar
@@ -180,7 +180,7 @@ def measure_adapter_bytes(
                 if torch.is_tensor(value):
                     count(value)
     for layer in layers:
-        for name in ("lora_A", "lora_E", "lora_B"):
+        for name in ADAPTER_TENSORS:
             for buf in layer.score_buffers(name):
                 total += buf.numel() * buf.element_size()
     return total

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .layer import ADAPTER_TENSORS
 from .training import TrainState
 
 
@@ -74,7 +75,7 @@ def collect(state: TrainState, extra: dict) -> tuple[dict[str, torch.Tensor], di
     for name, p in zip(names, params):
         tensors[f"param/{name}"] = p.detach()
     for lname, layer in state.layers.items():
-        for t in ("lora_A", "lora_E", "lora_B"):
+        for t in ADAPTER_TENSORS:
             for kind, buf in zip(("ibar", "ubar"), layer.score_buffers(t)):
                 tensors[f"score/{lname}.{t}.{kind}"] = buf
     opt_state = state.optimizer.state_dict()
@@ -174,7 +175,7 @@ def load_checkpoint(path: Path, state: TrainState) -> dict:
         p.data = tensors[f"param/{name}"].to(p.device)
         p.grad = None
     for lname, layer in state.layers.items():
-        for t in ("lora_A", "lora_E", "lora_B"):
+        for t in ADAPTER_TENSORS:
             for kind in ("ibar", "ubar"):
                 setattr(layer, f"{t}_{kind}", tensors[f"score/{lname}.{t}.{kind}"].to(layer.lora_A.device))
     opt_state: dict = {"state": {}, "param_groups": meta["optimizer"]["param_groups"]}

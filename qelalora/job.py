@@ -20,15 +20,15 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import adapter_io, embedded, report
-from .budget import LayerShape, OptimizerCost, RankPlan, head_bytes, mib, plan_initial_rank
+from .budget import RankPlan, mib
 from .config import steps_of
 from .data import BatchStream, evaluate
 from .records import TaskData, load_task_data
 from .errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, UserError
 from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
-from .models import ArchSpec, arch_spec, head_params, load_base_model, target_paths
+from .models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
-from .training import TrainState, prepare_training, train_step
+from .training import TrainState, plan_ranks, prepare_training, target_shapes, train_step
 
 
 def resolve_device(name: str) -> str:
@@ -116,19 +116,11 @@ def memory_plan(recipe: Recipe) -> MemoryPlan:
     device = resolve_device(recipe.train.device)
     dtype_bytes = 2 if device.startswith("cuda") else 4
     paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
-    shapes = [LayerShape(p, model.get_submodule(p).in_features, model.get_submodule(p).out_features) for p in paths]
-    opt = OptimizerCost(recipe.elalora.optimizer)
-    heads = []
-    for h in spec.heads:
-        try:
-            heads.extend(p.numel() for p in model.get_submodule(h).parameters())
-        except AttributeError:
-            continue
-    fixed = head_bytes(heads, opt) + opt.shared_bytes()
+    heads = [p.numel() for module in head_modules(model, spec) for p in module.parameters()]
+    _, _, rp = plan_ranks(target_shapes(model, paths), heads, recipe.elalora)
     e = recipe.elalora
-    rp = plan_initial_rank(shapes, e.budget_bytes, opt, fixed, e.rank, e.max_init_rank, e.r_min)
     fp = Footprint(
-        base_bytes=base_bytes(model, recipe.model.quantize, (*spec.heads, "lm_head"), dtype_bytes),
+        base_bytes=base_bytes(model, recipe.model.quantize, spec.unquantized, dtype_bytes),
         adapter_bytes=rp.adapter_bytes,
         activation_bytes=activation_bytes(config, recipe.train.batch_size, recipe.data.max_length, dtype_bytes, spec.task == "causal-lm"),
         budget_bytes=e.budget_bytes,

@@ -25,6 +25,11 @@ class ArchSpec:
     targets: dict[str, str]  # short name -> linear's path inside one block
     heads: tuple[str, ...] = ()  # trainable head modules, relative to the top-level model
 
+    @property
+    def unquantized(self) -> tuple[str, ...]:
+        """Linears that stay out of NF4: trainable heads, and the LM head (tied to the embeddings)."""
+        return (*self.heads, "lm_head")
+
 
 _LLAMA = ArchSpec(
     task="causal-lm",
@@ -141,17 +146,22 @@ def wrap_linears(
     return layers
 
 
-def head_params(model: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
-    """Trainable head parameters (made trainable here), in a fixed order."""
-    params = []
+def head_modules(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
+    """The model's task-head modules that exist (e.g. BERT without a pooler has none there)."""
+    modules = []
     for path in spec.heads:
         try:
-            module = model.get_submodule(path)
+            modules.append(model.get_submodule(path))
         except AttributeError:
-            continue  # e.g. BERT without a pooler
-        for p in module.parameters():
-            p.requires_grad_(True)
-            params.append(p)
+            continue
+    return modules
+
+
+def head_params(model: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
+    """Trainable head parameters (made trainable here), in a fixed order."""
+    params = [p for module in head_modules(model, spec) for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(True)
     return params
 
 
@@ -180,7 +190,7 @@ def load_base_model(
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=[*spec.heads, "lm_head"],  # heads stay trainable
+            llm_int8_skip_modules=list(spec.unquantized),
         )
         kwargs["device_map"] = {"": device}
     elif quantize != "none":

@@ -50,6 +50,22 @@ def build_optimizer(params: Sequence[nn.Parameter], name: str, lr: float, weight
     raise ValueError(f"unknown optimiser {name!r}; choose 'adamw' or 'adamw8bit'")
 
 
+def target_shapes(model: nn.Module, paths: Sequence[str]) -> list[LayerShape]:
+    """(d_in, d_out) of each target linear (works on the meta device too)."""
+    shapes = []
+    for path in paths:
+        d_out, d_in = base_weight_shape(model.get_submodule(path))
+        shapes.append(LayerShape(path, d_in, d_out))
+    return shapes
+
+
+def plan_ranks(shapes: Sequence[LayerShape], head_numels: Sequence[int], cfg: ElaLoRAConfig) -> tuple[OptimizerCost, int, RankPlan]:
+    """The optimiser's cost model, the fixed bytes (heads + shared state) and the initial rank plan."""
+    opt_cost = OptimizerCost(cfg.optimizer)
+    fixed = head_bytes(head_numels, opt_cost) + opt_cost.shared_bytes()
+    return opt_cost, fixed, plan_initial_rank(shapes, cfg.budget_bytes, opt_cost, fixed, cfg.rank, cfg.max_init_rank, cfg.r_min)
+
+
 def prepare_training(
     model: nn.Module,
     paths: Sequence[str],
@@ -71,15 +87,8 @@ def prepare_training(
 
     torch.manual_seed(seed)
 
-    shapes = []
-    for path in paths:
-        d_out, d_in = base_weight_shape(model.get_submodule(path))
-        shapes.append(LayerShape(path, d_in, d_out))
-    opt_cost = OptimizerCost(cfg.optimizer)
-    fixed = head_bytes([p.numel() for p in heads], opt_cost) + opt_cost.shared_bytes()
-    rank_plan = plan_initial_rank(
-        shapes, cfg.budget_bytes, opt_cost, fixed, cfg.rank, cfg.max_init_rank, cfg.r_min
-    )
+    shapes = target_shapes(model, paths)
+    opt_cost, fixed, rank_plan = plan_ranks(shapes, [p.numel() for p in heads], cfg)
     layers = wrap_linears(model, paths, rank_plan.rank, cfg.alpha, cfg.dropout, cfg.init_std, seed=seed)
     heads = list(heads)
     params = [p for layer in layers.values() for p in layer.adapter_params()] + heads

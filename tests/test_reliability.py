@@ -2,13 +2,10 @@
 
 import errno
 import json
-import random
-import re
 import string
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
