@@ -106,12 +106,14 @@ def plan_round(
     budget_bytes: int,
     opt: OptimizerCost,
     fixed_bytes: int,
+    max_total_rank: int | None = None,
 ) -> RoundPlan:
     """One ADJUST round: prune the b weakest pool entries, grow the owners of the b strongest.
 
     No layer is both pruned and grown; a layer gains at most k triplets, never
     passes min(d_in, d_out), and a growth is taken only while the adapter state
-    stays within `budget_bytes`.
+    stays within `budget_bytes` (and, if given, the total rank within
+    `max_total_rank`: the reference code's rank-count budget, kept for comparison).
     """
     shapes = [v.shape for v in layers]
     ranks = [v.rank for v in layers]
@@ -138,7 +140,7 @@ def plan_round(
         extra = layer_bytes(shape.d_in, shape.d_out, new_ranks[li] + 1, opt) - layer_bytes(
             shape.d_in, shape.d_out, new_ranks[li], opt
         )
-        if used + extra > budget_bytes:
+        if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
             continue
         used += extra
         new_ranks[li] += 1

@@ -44,6 +44,7 @@ class ElasticRanks:
     beta1: float = 0.85
     beta2: float = 0.85
     seed: int = 0
+    max_total_rank: int | None = None  # optional rank-count cap on top of the byte budget
     history: list[RoundRecord] = field(default_factory=list)
 
     def __post_init__(self):
@@ -70,7 +71,7 @@ class ElasticRanks:
 
     def plan(self, b: int) -> RoundPlan:
         views = [LayerView(s, l.rank, triplet_scores(l)) for s, l in zip(self.shapes, self._layer_list)]
-        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.opt_cost, self.fixed_bytes)
+        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.opt_cost, self.fixed_bytes, self.max_total_rank)
 
     def run_round(self, step: int, b: int, optimizer: torch.optim.Optimizer | None) -> RoundRecord:
         plan = self.plan(b)

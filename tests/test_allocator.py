@@ -88,3 +88,24 @@ def test_growth_is_refused_past_the_byte_budget():
     assert plan.grow == {1: 1} and plan.bytes_after == budget
     plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=budget - 1, opt=ADAMW, fixed_bytes=0)
     assert plan.grow == {} and plan.bytes_after <= budget - 1
+
+
+def test_byte_budget_blocks_wide_growth_that_a_rank_count_budget_allows():
+    widths = [(512, 512), (8, 8), (8, 8)]
+    scores = [[7.0, 8.0], [0.1, 0.2], [0.3, 0.4]]
+    budget = adapter_bytes([LayerShape("x", *w) for w in widths], [2, 2, 2], ADAMW, 0)
+    by_bytes = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=budget, opt=ADAMW, fixed_bytes=0)
+    assert by_bytes.prune == {1: [0], 2: [0]} and by_bytes.grow == {}  # two narrow triplets cannot pay for a wide one
+    by_rank = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0, max_total_rank=6)
+    assert by_rank.new_ranks([2, 2, 2]) == [4, 1, 1]
+
+
+def test_rank_count_cap_holds_when_fewer_than_b_are_prunable():
+    # r_min = 2: l0 and l3 cannot be pruned, l1 and l2 only once each, so 2 prunes and 3 growths without the cap
+    scores = [[7.0, 8.0], [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [9.0, 10.0]]
+    ranks = [2, 3, 3, 2]
+    kw = dict(b=3, k=2, r_min=2, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    free = plan_round(views(ranks, scores, [(16, 16)] * 4), **kw)
+    capped = plan_round(views(ranks, scores, [(16, 16)] * 4), **kw, max_total_rank=10)
+    assert free.new_ranks(ranks) == [3, 2, 2, 4]
+    assert capped.new_ranks(ranks) == [2, 2, 2, 4]
