@@ -1,0 +1,430 @@
+"""Quality at equal budget: qelalora ElaLoRA vs PEFT LoRA and AdaLoRA over the same NF4 base.
+
+Every cell (task, method, average rank, seed) trains from the same bitsandbytes
+NF4 base, on the same batches in the same order, with the same steps, AdamW,
+linear warm-up/decay LR schedule, batch and sequence length, and trains the
+task head in full. Each cell runs in its own process, so its peak memory is
+its own and a rerun with the same seed starts from nothing.
+
+Methods
+  elalora   qelalora, rank r everywhere at the start; byte budget = that start's adapter state
+  fixed     qelalora with rank rounds off (b0 = 0): fixed-rank baseline inside our own code
+  lora      PEFT LoRA r (QLoRA)
+  adalora   PEFT AdaLoRA, init_r = 1.5 r pruned to target_r = r (same final rank count)
+  elalora-reset-moments  ablation: every round drops all Adam moments (the reference code's effect)
+  elalora-const-lr       ablation: the LR stays at its peak after the first round (the reference code's effect)
+  elalora-rank-budget    ablation: total rank capped at its start, bytes unbounded (the reference's budget)
+  <method>-g0            the same with the orthogonality regulariser off (gamma / orth_reg_weight = 0)
+
+    python bench/quality.py                 # the whole suite (resumes: finished cells are kept)
+    python bench/quality.py --report        # tables and pictures from the results
+    python bench/quality.py --cell '{"task": "minilm", "method": "elalora", "rank": 2, "seed": 0}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+# Per task: recipe, steps and the rank schedule shared by ElaLoRA and AdaLoRA.
+TASKS = {
+    "minilm": dict(recipe="minilm-l6-rotten-tomatoes", steps=300, batch=16, lr=1e-3, warmup=0.06,
+                   t_init=0.15, t_final=0.3, delta=10, b0=4, eval_batch=64, metric="accuracy",
+                   data={"test_size": 2000, "val_size": 1000}),
+    "smollm2": dict(recipe="smollm2-135m-python-docs", steps=80, batch=4, lr=5e-4, warmup=0.05,
+                    t_init=0.15, t_final=0.3, delta=4, b0=12, eval_batch=8, metric="perplexity",
+                    data={"test_size": 100, "val_size": 100, "max_train_examples": 2000}),
+}
+METHODS = ("elalora", "fixed", "lora", "adalora")
+ABLATIONS = ("elalora-reset-moments", "elalora-const-lr", "elalora-rank-budget")
+NO_REGULARISER = ("elalora-g0", "fixed-g0", "adalora-g0")
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    method: str
+    rank: int
+    seed: int
+    repeat: int = 0  # 1 = a rerun of the same cell, to show the numbers reproduce
+
+    @property
+    def base_method(self) -> str:
+        return self.method.removesuffix("-g0")
+
+    @property
+    def gamma(self) -> float:
+        """Orthogonality regulariser weight: 0.1 (spec and PEFT default) unless the method ends in -g0."""
+        return 0.0 if self.method.endswith("-g0") else 0.1
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}/{self.method}/r{self.rank}/s{self.seed}/{self.repeat}"
+
+
+def suite() -> list[Cell]:
+    smollm2 = [Cell("smollm2", m, 4, s) for s in (0, 1) for m in METHODS]
+    cells = smollm2[:4]  # the costliest cells first, so a failure shows early
+    cells += [Cell("minilm", m, r, s) for s in (0, 1, 2) for r in (2, 8) for m in METHODS]
+    cells += [Cell("minilm", m, 2, s) for s in (0, 1, 2) for m in ABLATIONS]
+    cells += [Cell("minilm", "elalora", 2, 0, repeat=1)]
+    cells += smollm2[4:]
+    cells += [Cell("smollm2", "elalora-g0", 4, 0)]
+    return cells + [Cell("minilm", m, 2, s) for s in (0, 1, 2) for m in NO_REGULARISER]
+
+
+# ---------------------------------------------------------------- one cell (runs in a worker process)
+
+
+def _rss_reset_peak() -> int:
+    """Reset the kernel's peak-RSS mark and return the current RSS, so the peak seen later is this phase's."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _load_data(cell: Cell, recipe, tokenizer, spec):
+    """Tokenised train/test examples; the causal-LM blocks are cached (tokenising the docs takes a while)."""
+    from qelalora.records import load_task_data
+
+    if spec.task == "seq-cls":
+        data = load_task_data(recipe.data, spec.task, tokenizer, recipe.model.num_labels)
+        return data.train, data.test, data.pad_id
+    import numpy as np
+
+    cache = RESULTS.parent / "out" / "cache" / f"{cell.task}-{recipe.data.max_length}-{recipe.data.test_size}-{recipe.data.max_train_examples}.npz"
+    if not cache.exists():
+        data = load_task_data(recipe.data, spec.task, tokenizer)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, train=np.array([e["input_ids"] for e in data.train], dtype=np.int64),
+                 test=np.array([e["input_ids"] for e in data.test], dtype=np.int64), pad=np.array(data.pad_id))
+        tmp.replace(cache)
+    arrays = np.load(cache, allow_pickle=False)
+    as_examples = lambda a: [{"input_ids": row.tolist()} for row in a]  # noqa: E731
+    return as_examples(arrays["train"]), as_examples(arrays["test"]), int(arrays["pad"])
+
+
+def _schedule_steps(t: dict) -> tuple[int, int, int]:
+    from qelalora.config import steps_of
+
+    return steps_of(t["t_init"], t["steps"]), steps_of(t["t_final"], t["steps"]), t["delta"]
+
+
+class ElaLoRAMethod:
+    """qelalora's own training state, with the ablation switches the bench needs."""
+
+    def __init__(self, cell: Cell, model, spec, paths, t: dict):
+        from qelalora.config import ElaLoRAConfig
+        from qelalora.models import head_params
+        from qelalora.training import prepare_training, train_step
+
+        self._train_step = train_step
+        t_init, t_final, delta = _schedule_steps(t)
+        b0 = 0 if cell.base_method == "fixed" else t["b0"]
+        cfg = ElaLoRAConfig(budget_mb=1e6, rank=cell.rank, max_init_rank=cell.rank, b0=b0, t_init=t_init, t_final=t_final,
+                            delta=delta, gamma=cell.gamma)
+        warmup = int(round(t["warmup"] * t["steps"]))
+        self.state = prepare_training(model, paths, head_params(model, spec), cfg, t["steps"], t["lr"], warmup, seed=cell.seed)
+        ranks = self.state.ranks
+        if cell.method == "elalora-rank-budget":
+            ranks.max_total_rank = ranks.total_rank
+        else:
+            ranks.budget_bytes = ranks.adapter_bytes()  # equal budget: the uniform-rank start's adapter state
+        self.fixed_bytes = ranks.fixed_bytes
+        self.round_seconds = 0.0
+        self.peak_lr = t["lr"]
+        self._wrap_rounds(cell.method)
+
+    def _wrap_rounds(self, method: str) -> None:
+        import torch
+
+        state, run_round = self.state, self.state.ranks.run_round
+
+        def timed_round(step, b, optimizer):
+            t0 = time.perf_counter()
+            record = run_round(step, b, optimizer)
+            if method == "elalora-reset-moments":
+                optimizer.state.clear()
+            if method == "elalora-const-lr" and len(state.ranks.history) == 1:
+                for group in optimizer.param_groups:
+                    group["initial_lr"] = self.peak_lr
+                state.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            self.round_seconds += time.perf_counter() - t0
+            return record
+
+        state.ranks.run_round = timed_round
+
+    def step(self, batch) -> float:
+        return self._train_step(self.state, batch, lambda m, b: m(**b).loss)
+
+    def lr(self) -> float:
+        return self.state.optimizer.param_groups[0]["lr"]
+
+    def ranks(self) -> dict[str, int]:
+        return self.state.ranks.rank_pattern()
+
+    def exported_params(self) -> int:
+        return sum(l.rank * (l.in_features + l.out_features + 1) for l in self.state.layers.values())
+
+    def state_bytes(self) -> int:
+        return self.state.ranks.adapter_bytes() - self.fixed_bytes
+
+    def rounds(self) -> int:
+        return sum(1 for r in self.state.ranks.history if r.pruned or r.grown)
+
+
+class PeftMethod:
+    """PEFT LoRA or AdaLoRA on the same base, heads trained in full, same optimiser and schedule."""
+
+    def __init__(self, cell: Cell, model, spec, paths, t: dict):
+        import torch
+        from peft import AdaLoraConfig, LoraConfig, get_peft_model
+        from transformers import get_linear_schedule_with_warmup
+
+        from qelalora.models import head_params
+
+        torch.manual_seed(cell.seed)
+        heads = head_params(model, spec)
+        self.adalora = cell.base_method == "adalora"
+        if self.adalora:
+            t_init, t_final, delta = _schedule_steps(t)
+            config = AdaLoraConfig(init_r=math.ceil(1.5 * cell.rank), target_r=cell.rank, tinit=t_init, tfinal=t_final,
+                                   deltaT=delta, beta1=0.85, beta2=0.85, orth_reg_weight=cell.gamma, total_step=t["steps"],
+                                   lora_alpha=16, lora_dropout=0.0, target_modules=paths)
+        else:
+            config = LoraConfig(r=cell.rank, lora_alpha=16, lora_dropout=0.0, target_modules=paths)
+        self.model = get_peft_model(model, config)
+        for p in heads:
+            p.requires_grad_(True)
+        self.adapter = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
+        self.optimizer = torch.optim.AdamW(self.adapter + heads, lr=t["lr"], weight_decay=0.0)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, int(round(t["warmup"] * t["steps"])), t["steps"])
+        self.round_seconds = 0.0
+        self.global_step = 0
+
+    def step(self, batch) -> float:
+        self.model.train()
+        loss = self.model(**batch).loss  # AdaLoRA adds its orthogonality term here
+        loss.backward()
+        self.optimizer.step()
+        self.global_step += 1
+        if self.adalora:
+            t0 = time.perf_counter()
+            self.model.base_model.update_and_allocate(self.global_step)
+            self.round_seconds += time.perf_counter() - t0
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return loss.item()
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _lora_layers(self):
+        return {n: m for n, m in self.model.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+
+    def ranks(self) -> dict[str, int]:
+        out = {}
+        for name, m in self._lora_layers().items():
+            name = name.removeprefix("base_model.model.")
+            out[name] = int((m.lora_E["default"] != 0).sum()) if self.adalora else m.r["default"]
+        return out
+
+    def exported_params(self) -> int:
+        total = 0
+        for m in self._lora_layers().values():
+            d_out, d_in = m.out_features, m.in_features
+            total += (int((m.lora_E["default"] != 0).sum()) * (d_in + d_out + 1)) if self.adalora else m.r["default"] * (d_in + d_out)
+        return total
+
+    def state_bytes(self) -> int:
+        n = sum(p.numel() for p in self.adapter)
+        extra = 0
+        if self.adalora:
+            alloc = self.model.base_model.rankallocator
+            extra = sum(v.numel() for d in (alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc) for v in d.values())
+        return 16 * n + 4 * extra  # fp32 weight, grad, two Adam moments; AdaLoRA's fp32 importance tensors
+
+    def rounds(self) -> int:
+        return 0
+
+
+def _drop_groups(method: ElaLoRAMethod, seed: int) -> dict[str, list[str]]:
+    """Top and bottom 25% of layers by final rank; ties broken by a seeded shuffle."""
+    ranks = method.ranks()
+    names = list(ranks)
+    random.Random(seed).shuffle(names)
+    ordered = sorted(names, key=lambda n: ranks[n])
+    quarter = max(1, len(ordered) // 4)
+    return {"top": ordered[-quarter:], "bottom": ordered[:quarter]}
+
+
+def _evaluate_without(method: ElaLoRAMethod, names: list[str], evaluate) -> float:
+    import torch
+
+    layers = method.state.layers
+    saved = {n: layers[n].lora_E.data.clone() for n in names}
+    with torch.no_grad():
+        for n in names:
+            layers[n].lora_E.data.zero_()
+    try:
+        return evaluate()
+    finally:
+        for n in names:
+            layers[n].lora_E.data.copy_(saved[n])
+
+
+def run_cell(cell: Cell, threads: int) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from qelalora import embedded
+    from qelalora.data import BatchStream, evaluate
+    from qelalora.models import load_base_model, target_paths
+    from qelalora.recipe import load_recipe
+
+    torch.set_num_threads(threads)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    t = TASKS[cell.task]
+    overrides = [f"data.{k}={v}" for k, v in t["data"].items()] + [f"train.batch_size={t['batch']}"]
+    recipe = load_recipe(t["recipe"], overrides)
+    name = embedded.resolve_model(recipe.model.name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(cell.seed)  # the fresh classifier head
+    model, spec = load_base_model(name, "nf4", recipe.model.num_labels)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    train, test, pad_id = _load_data(cell, recipe, tokenizer, spec)
+    paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
+
+    rss_before = _rss_reset_peak()
+    method = (PeftMethod if cell.base_method in ("lora", "adalora") else ElaLoRAMethod)(cell, model, spec, paths, t)
+    stream = BatchStream(train, t["batch"], pad_id, cell.seed)
+    losses, step_times, lrs = [], [], []
+    started = time.perf_counter()
+    for _ in range(t["steps"]):
+        batch = next(stream)
+        t0 = time.perf_counter()
+        losses.append(method.step(batch))
+        step_times.append(time.perf_counter() - t0)
+        lrs.append(method.lr())
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"{cell.key}: loss {losses[-1]} at step {len(losses)}")
+    train_seconds = time.perf_counter() - started
+    peak_train = _status_kib("VmHWM") * 1024 - rss_before
+
+    eval_model = method.model if isinstance(method, PeftMethod) else model
+
+    def metric() -> float:
+        out = evaluate(eval_model, test, spec.task, t["eval_batch"], pad_id, "cpu")
+        return out[t["metric"]]
+
+    result = {
+        **asdict(cell),
+        "key": cell.key,
+        "metric_name": t["metric"],
+        "metric": metric(),
+        "steps": t["steps"],
+        "final_loss": statistics.fmean(losses[-20:]),
+        "lr_at": {str(s): lrs[s - 1] for s in (1, t["steps"] // 4, t["steps"] // 2, t["steps"])},
+        "ranks": method.ranks(),
+        "rounds": method.rounds(),
+        "exported_params": method.exported_params(),
+        "state_bytes": method.state_bytes(),
+        "train_seconds": train_seconds,
+        "median_step_s": statistics.median(step_times[5:]),
+        "round_seconds": method.round_seconds,
+        "peak_train_rss_bytes": peak_train,
+        "threads": threads,
+    }
+    if cell.base_method == "elalora":
+        groups = _drop_groups(method, cell.seed)
+        ranks = result["ranks"]
+        result["drop"] = {
+            g: {"metric": _evaluate_without(method, names, metric), "mean_rank": statistics.fmean(ranks[n] for n in names)}
+            for g, names in groups.items()
+        }
+    return result
+
+
+# ---------------------------------------------------------------- the suite (driver process)
+
+
+def read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_suite(out: Path, jobs: int, only: str | None) -> None:
+    done = {r["key"] for r in read_results(out) if "error" not in r}
+    todo = [c for c in suite() if c.key not in done and (only is None or c.task == only)]
+    threads = max(1, (os.cpu_count() or 2) // jobs)
+    print(f"{len(todo)} cells to run ({len(done)} already in {out}), {jobs} at a time, {threads} thread(s) each", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def work(cell: Cell) -> None:
+        t0 = time.time()
+        proc = subprocess.run(
+            [sys.executable, __file__, "--cell", json.dumps(asdict(cell)), "--threads", str(threads)],
+            capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"},
+        )
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode == 0 and lines:
+            record = json.loads(lines[-1])
+        else:
+            record = {**asdict(cell), "key": cell.key, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+        record["wall_seconds"] = round(time.time() - t0, 1)
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = record.get("error") or f"{record['metric_name']} {record['metric']:.4f}"
+        print(f"[{time.time() - started:7.0f} s] {cell.key}: {shown} ({record['wall_seconds']} s)", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(work, todo))
+    print(f"suite done in {time.time() - started:.0f} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality.jsonl")
+    parser.add_argument("--jobs", type=int, default=2, help="cells run at once (each gets cpu_count/jobs threads)")
+    parser.add_argument("--only", choices=sorted(TASKS), help="run only this task's cells")
+    parser.add_argument("--report", action="store_true", help="write tables and pictures from the results")
+    parser.add_argument("--cell", help="run one cell (JSON) and print its result")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.cell:
+        print(json.dumps(run_cell(Cell(**json.loads(args.cell)), args.threads)))
+    elif args.report:
+        from quality_report import write_report
+
+        write_report(read_results(args.out), args.out.parent)
+    else:
+        run_suite(args.out, args.jobs, args.only)
+
+
+if __name__ == "__main__":
+    main()
