@@ -224,7 +224,9 @@ class PeftMethod:
 
     def step(self, batch) -> float:
         self.model.train()
-        loss = self.model(**batch).loss  # AdaLoRA adds its orthogonality term here
+        # Through the tuner model: the generic PeftModel.forward skips AdaLoraModel.forward, which adds the
+        # orthogonality term.
+        loss = self.model.base_model(**batch).loss
         loss.backward()
         self.optimizer.step()
         self.global_step += 1
