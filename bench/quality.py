@@ -124,10 +124,11 @@ def _load_data(cell: Cell, recipe, tokenizer, spec):
     return as_examples(arrays["train"]), as_examples(arrays["test"]), int(arrays["pad"])
 
 
-def _schedule_steps(t: dict) -> tuple[int, int, int]:
+def _schedule_steps(t: dict) -> tuple[int, int, int, int]:
+    """(LR warm-up, rank warm-up, stabilisation, round interval) in steps, shared by every method."""
     from qelalora.config import steps_of
 
-    return steps_of(t["t_init"], t["steps"]), steps_of(t["t_final"], t["steps"]), t["delta"]
+    return steps_of(t["warmup"], t["steps"]), steps_of(t["t_init"], t["steps"]), steps_of(t["t_final"], t["steps"]), t["delta"]
 
 
 class ElaLoRAMethod:
@@ -139,18 +140,16 @@ class ElaLoRAMethod:
         from qelalora.training import prepare_training, train_step
 
         self._train_step = train_step
-        t_init, t_final, delta = _schedule_steps(t)
+        warmup, t_init, t_final, delta = _schedule_steps(t)
         b0 = 0 if cell.base_method == "fixed" else t["b0"]
         cfg = ElaLoRAConfig(budget_mb=1e6, rank=cell.rank, max_init_rank=cell.rank, b0=b0, t_init=t_init, t_final=t_final,
                             delta=delta, gamma=cell.gamma)
-        warmup = round(t["warmup"] * t["steps"])
         self.state = prepare_training(model, paths, head_params(model, spec), cfg, t["steps"], t["lr"], warmup, seed=cell.seed)
         ranks = self.state.ranks
         if cell.method == "elalora-rank-budget":
             ranks.max_total_rank = ranks.total_rank
         else:
             ranks.budget_bytes = ranks.adapter_bytes()  # equal budget: the uniform-rank start's adapter state
-        self.fixed_bytes = ranks.fixed_bytes
         self.round_seconds = 0.0
         self.peak_lr = t["lr"]
         self._wrap_rounds(cell.method)
@@ -187,7 +186,7 @@ class ElaLoRAMethod:
         return sum(l.rank * (l.in_features + l.out_features + 1) for l in self.state.layers.values())
 
     def state_bytes(self) -> int:
-        return self.state.ranks.adapter_bytes() - self.fixed_bytes
+        return self.state.ranks.adapter_bytes() - self.state.ranks.fixed_bytes
 
     def rounds(self) -> int:
         return sum(1 for r in self.state.ranks.history if r.pruned or r.grown)
@@ -206,8 +205,8 @@ class PeftMethod:
         torch.manual_seed(cell.seed)
         heads = head_params(model, spec)
         self.adalora = cell.base_method == "adalora"
+        warmup, t_init, t_final, delta = _schedule_steps(t)
         if self.adalora:
-            t_init, t_final, delta = _schedule_steps(t)
             config = AdaLoraConfig(init_r=math.ceil(1.5 * cell.rank), target_r=cell.rank, tinit=t_init, tfinal=t_final,
                                    deltaT=delta, beta1=0.85, beta2=0.85, orth_reg_weight=cell.gamma, total_step=t["steps"],
                                    lora_alpha=16, lora_dropout=0.0, target_modules=paths)
@@ -218,7 +217,7 @@ class PeftMethod:
             p.requires_grad_(True)
         self.adapter = [p for n, p in self.model.named_parameters() if p.requires_grad and "lora_" in n]
         self.optimizer = torch.optim.AdamW(self.adapter + heads, lr=t["lr"], weight_decay=0.0)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, round(t["warmup"] * t["steps"]), t["steps"])
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, warmup, t["steps"])
         self.round_seconds = 0.0
         self.global_step = 0
 
