@@ -1,7 +1,8 @@
 """Adapters on disk: qelalora's own format and a PEFT LoRA copy.
 
 - `adapter/`: `adapter.safetensors` (A, E, B per live layer; head tensors) and
-  `adapter_config.json` (base model, alpha, r0 and rank per layer).
+  `adapter_config.json` (base model, alpha, start, and r0, rank and scaling s
+  per layer).
 - `peft/`: the same adapter in PEFT's LoRA format (`s B diag(E)` folded into
   `lora_B`, per-layer ranks in `rank_pattern`, `alpha_pattern` = rank so that
   PEFT's scaling is 1), loadable by PEFT and by ONNX Runtime GenAI's builder.
@@ -64,6 +65,7 @@ def save_adapter(
             "task": task,
             "num_labels": num_labels,
             "alpha": next(iter(layers.values())).alpha if layers else None,
+            "start": next(iter(layers.values())).start if layers else None,
             "layers": layer_meta,
             "heads": sorted(heads),
         },
@@ -119,6 +121,8 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> dict[str, ElaLoRALinear
     for path, meta in config["layers"].items():
         layers.update(wrap_linears(model, [path], meta["r0"], config["alpha"]))
         layer = layers[path]
+        layer.scaling = float(meta["scaling"])  # as trained (alpha / r0 or alpha / sqrt(r0))
+        layer.start = config.get("start") or "gaussian"
         for t in ADAPTER_TENSORS:
             if meta["rank"] == 0:
                 shape = {"lora_A": (0, layer.in_features), "lora_E": (0,), "lora_B": (layer.out_features, 0)}[t]
@@ -126,8 +130,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> dict[str, ElaLoRALinear
             else:
                 value = tensors[f"{path}.{t}"]
             getattr(layer, t).data = value.to(getattr(layer, t).device)
-            for kind in ("ibar", "ubar"):  # score EMAs are not saved with an adapter: start them at zero, right-sized
-                setattr(layer, f"{t}_{kind}", torch.zeros_like(getattr(layer, t)))
+        layer.reset_scores()  # score EMAs are not saved with an adapter: start them at zero, right-sized
     params = dict(model.named_parameters())
     for name in config["heads"]:
         params[name].data = tensors[f"head/{name}"].to(params[name].device)

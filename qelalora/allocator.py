@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .budget import LayerShape, OptimizerCost, adapter_bytes, layer_bytes
+from .budget import LayerShape, StateCost, adapter_bytes, layer_bytes
 
 
 @dataclass(frozen=True)
@@ -98,22 +98,39 @@ def _candidate_pool(layers: Sequence[LayerView], k: int, r_min: int) -> list[_Ca
     return pool
 
 
+def _growth_order(layers: Sequence[LayerView], pool: list[_Candidate]) -> list[int]:
+    """Layer indices in the order growth slots are offered: the pool's entries from the
+    strongest down, then every other live triplet from the strongest down."""
+    in_pool = {(c.layer, c.triplet) for c in pool}
+    rest = [
+        _Candidate(score, li, t, prunable=False)
+        for li, view in enumerate(layers)
+        for t, score in enumerate(view.scores.tolist())
+        if (li, t) not in in_pool
+    ]
+    key = lambda c: (-c.score, c.layer, c.triplet)  # noqa: E731
+    return [c.layer for c in sorted(pool, key=key) + sorted(rest, key=key)]
+
+
 def plan_round(
     layers: Sequence[LayerView],
     b: int,
     k: int,
     r_min: int,
     budget_bytes: int,
-    opt: OptimizerCost,
+    opt: StateCost,
     fixed_bytes: int,
     max_total_rank: int | None = None,
 ) -> RoundPlan:
-    """One ADJUST round: prune the b weakest pool entries, grow the owners of the b strongest.
+    """One ADJUST round: prune the b weakest pool entries, then offer each freed slot for growth.
 
-    No layer is both pruned and grown; a layer gains at most k triplets, never
-    passes min(d_in, d_out), and a growth is taken only while the adapter state
-    stays within `budget_bytes` (and, if given, the total rank within
-    `max_total_rank`: the reference code's rank-count budget, kept for comparison).
+    A slot goes to the owner of the strongest pool entry that can take it, then
+    down the pool, then to the other triplets by score: a layer pruned in this
+    round, already grown k times, at min(d_in, d_out), or whose next triplet
+    would take the adapter state past `budget_bytes` (or the total rank past
+    `max_total_rank`: the reference code's rank-count budget, kept for
+    comparison) passes the slot on. So a round that prunes n triplets grows n,
+    unless no layer can take one more; total rank does not drain away.
     """
     shapes = [v.shape for v in layers]
     ranks = [v.rank for v in layers]
@@ -129,21 +146,29 @@ def plan_round(
     for triplets in plan.prune.values():
         triplets.sort()
 
+    slots = sum(len(t) for t in plan.prune.values())
     new_ranks = plan.new_ranks(ranks)
     used = adapter_bytes(shapes, new_ranks, opt, fixed_bytes)
-    strongest = sorted(pool, key=lambda c: (-c.score, c.layer, c.triplet))[:b]
-    for cand in strongest:
-        li = cand.layer
-        if li in plan.prune or plan.grow.get(li, 0) >= k or new_ranks[li] >= shapes[li].max_rank:
-            continue
-        shape = shapes[li]
-        extra = layer_bytes(shape.d_in, shape.d_out, new_ranks[li] + 1, opt) - layer_bytes(
-            shape.d_in, shape.d_out, new_ranks[li], opt
-        )
-        if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
-            continue
-        used += extra
-        new_ranks[li] += 1
-        plan.grow[li] = plan.grow.get(li, 0) + 1
+    order = _growth_order(layers, pool)
+    while slots:  # a layer with fewer than k triplets in the order may take a second slot on a later pass
+        granted = 0
+        for li in order:
+            if slots == 0:
+                break
+            shape = shapes[li]
+            if li in plan.prune or plan.grow.get(li, 0) >= k or new_ranks[li] >= shape.max_rank:
+                continue
+            extra = layer_bytes(shape.d_in, shape.d_out, new_ranks[li] + 1, opt) - layer_bytes(
+                shape.d_in, shape.d_out, new_ranks[li], opt
+            )
+            if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
+                continue
+            used += extra
+            new_ranks[li] += 1
+            plan.grow[li] = plan.grow.get(li, 0) + 1
+            slots -= 1
+            granted += 1
+        if not granted:
+            break
     plan.bytes_after = used
     return plan

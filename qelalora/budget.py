@@ -1,10 +1,10 @@
 """Byte accounting for the adapters' training state (ElaLoRA spec, section 6).
 
 The budget covers what rank allocation controls: every trainable tensor's
-value, gradient and optimiser state, plus the two score EMAs of each adapter
-tensor. Costs are exact functions of tensor sizes for the configured
-optimiser, so the planner's prediction equals what `measure_adapter_bytes`
-reads off the real tensors.
+value, gradient and optimiser state, plus the importance-score EMAs of each
+adapter tensor. Costs are exact functions of tensor sizes for the configured
+optimiser and score layout, so the planner's prediction equals what
+`measure_adapter_bytes` reads off the real tensors.
 """
 
 from __future__ import annotations
@@ -15,46 +15,63 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import SCORE_STATES
 from .errors import UserError
 from .layer import ADAPTER_TENSORS, ElaLoRALinear
 
 FP32 = 4
-SCORE_BYTES_PER_ELEMENT = 2 * FP32  # Ibar and Ubar
+BF16 = 2
 BNB_BLOCK = 256  # bitsandbytes' blockwise optimiser state block size
 BNB_QMAP_BYTES = 2 * 256 * FP32  # the two shared quantisation maps of an 8-bit optimiser
 
 
 @dataclass(frozen=True)
-class OptimizerCost:
-    """Bytes an optimiser keeps for one parameter tensor of n fp32 elements."""
+class StateCost:
+    """Bytes the training state keeps per trainable tensor: optimiser moments and score EMAs.
 
-    name: str
+    `score_state` is where the two importance EMAs (sensitivity, uncertainty) live:
+    "element" keeps fp32 EMAs per adapter element (the spec's formula), "element-bf16"
+    the same in bf16, "triplet" one pair per triplet for each of A, E and B.
+    """
+
+    optimizer: str
+    score_state: str = "element"
 
     def state_bytes(self, n: int) -> int:
-        if self.name == "adamw":
+        if self.optimizer == "adamw":
             return 2 * FP32 * n + FP32  # exp_avg, exp_avg_sq, and the fp32 `step` scalar
-        if self.name == "adamw8bit":
+        if self.optimizer == "adamw8bit":
             return 2 * n + 2 * FP32 * math.ceil(n / BNB_BLOCK)  # uint8 moments + per-block absmax
-        raise ValueError(f"unknown optimiser {self.name!r}; choose 'adamw' or 'adamw8bit'")
+        raise ValueError(f"unknown optimiser {self.optimizer!r}; choose 'adamw' or 'adamw8bit'")
 
     def shared_bytes(self) -> int:
         """State shared by all parameters (bitsandbytes' quantisation maps)."""
-        return BNB_QMAP_BYTES if self.name == "adamw8bit" else 0
+        return BNB_QMAP_BYTES if self.optimizer == "adamw8bit" else 0
+
+    def score_bytes(self, n: int, rank: int) -> int:
+        """The two score EMAs of one adapter tensor of n elements holding `rank` triplets."""
+        if self.score_state == "element":
+            return 2 * FP32 * n
+        if self.score_state == "element-bf16":
+            return 2 * BF16 * n
+        if self.score_state == "triplet":
+            return 2 * FP32 * rank
+        raise ValueError(f"unknown score_state {self.score_state!r}; choose one of {', '.join(SCORE_STATES)}")
 
 
-def tensor_train_bytes(n: int, opt: OptimizerCost, scored: bool) -> int:
-    """Value + gradient + optimiser state (+ score EMAs) of an n-element fp32 tensor."""
-    return 2 * FP32 * n + opt.state_bytes(n) + (SCORE_BYTES_PER_ELEMENT * n if scored else 0)
+def tensor_train_bytes(n: int, cost: StateCost) -> int:
+    """Value + gradient + optimiser state of an n-element fp32 tensor."""
+    return 2 * FP32 * n + cost.state_bytes(n)
 
 
-def layer_bytes(d_in: int, d_out: int, rank: int, opt: OptimizerCost) -> int:
+def layer_bytes(d_in: int, d_out: int, rank: int, cost: StateCost) -> int:
     """Training-state bytes of one ElaLoRA layer at `rank`."""
-    return sum(tensor_train_bytes(n, opt, scored=True) for n in (rank * d_in, rank, d_out * rank))
+    return sum(tensor_train_bytes(n, cost) + cost.score_bytes(n, rank) for n in (rank * d_in, rank, d_out * rank))
 
 
-def head_bytes(numels: Iterable[int], opt: OptimizerCost) -> int:
+def head_bytes(numels: Iterable[int], cost: StateCost) -> int:
     """Training-state bytes of trained non-adapter tensors (e.g. a classifier head)."""
-    return sum(tensor_train_bytes(n, opt, scored=False) for n in numels)
+    return sum(tensor_train_bytes(n, cost) for n in numels)
 
 
 @dataclass(frozen=True)
@@ -68,9 +85,9 @@ class LayerShape:
         return min(self.d_in, self.d_out)
 
 
-def adapter_bytes(shapes: Sequence[LayerShape], ranks: Sequence[int], opt: OptimizerCost, fixed: int) -> int:
+def adapter_bytes(shapes: Sequence[LayerShape], ranks: Sequence[int], cost: StateCost, fixed: int) -> int:
     """Predicted adapter-state bytes for a rank pattern (`fixed`: heads + shared state)."""
-    return fixed + sum(layer_bytes(s.d_in, s.d_out, r, opt) for s, r in zip(shapes, ranks))
+    return fixed + sum(layer_bytes(s.d_in, s.d_out, r, cost) for s, r in zip(shapes, ranks))
 
 
 class BudgetError(UserError):
@@ -99,7 +116,7 @@ def mib(n_bytes: int | float) -> float:
 def plan_initial_rank(
     shapes: Sequence[LayerShape],
     budget_bytes: int,
-    opt: OptimizerCost,
+    cost: StateCost,
     fixed: int,
     rank: int | str = "auto",
     max_init_rank: int = 64,
@@ -113,7 +130,7 @@ def plan_initial_rank(
     if not shapes:
         raise BudgetError("no target layers were found to adapt")
     floor_rank = max(r_min, 1)
-    min_budget = adapter_bytes(shapes, [floor_rank] * len(shapes), opt, fixed)
+    min_budget = adapter_bytes(shapes, [floor_rank] * len(shapes), cost, fixed)
     if min_budget > budget_bytes:
         need = math.ceil(mib(min_budget) * 100) / 100  # rounded up, so that it really is enough
         have = math.floor(mib(budget_bytes) * 100) / 100
@@ -127,7 +144,7 @@ def plan_initial_rank(
         rank = int(rank)
         if rank > width_cap:
             raise BudgetError(f"rank {rank} exceeds the narrowest target layer's min(d_in, d_out) = {width_cap}")
-        used = adapter_bytes(shapes, [rank] * len(shapes), opt, fixed)
+        used = adapter_bytes(shapes, [rank] * len(shapes), cost, fixed)
         if used > budget_bytes:
             raise BudgetError(
                 f"rank {rank} needs {mib(used):.2f} MiB of adapter state but the budget is "
@@ -140,15 +157,15 @@ def plan_initial_rank(
     lo, hi = floor_rank, cap
     while lo <= hi:
         mid = (lo + hi) // 2
-        if adapter_bytes(shapes, [mid] * len(shapes), opt, fixed) <= budget_bytes:
+        if adapter_bytes(shapes, [mid] * len(shapes), cost, fixed) <= budget_bytes:
             best, lo = mid, mid + 1
         else:
             hi = mid - 1
-    if adapter_bytes(shapes, [best + 1] * len(shapes), opt, fixed) > budget_bytes:
+    if adapter_bytes(shapes, [best + 1] * len(shapes), cost, fixed) > budget_bytes:
         binding = "budget"  # even where a cap binds too, the budget alone would stop here
     else:
         binding = "max_init_rank" if max_init_rank <= width_cap else "layer width"
-    used = adapter_bytes(shapes, [best] * len(shapes), opt, fixed)
+    used = adapter_bytes(shapes, [best] * len(shapes), cost, fixed)
     return RankPlan(best, binding, used, budget_bytes, min_budget)
 
 

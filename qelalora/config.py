@@ -1,8 +1,36 @@
-"""ElaLoRA's method settings, with the reference code's defaults (spec sections 1-6)."""
+"""ElaLoRA's method settings (spec sections 1-6 and 8).
+
+The schedule's defaults are the reference code's. How the adapters start and
+are optimised (start, scaling, regulariser, per-tensor learning rates, score
+layout) are qelalora's measured defaults; `preset: reference` restores the
+paper's configuration for any of those keys a recipe does not set itself.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+# The paper's configuration: gaussian start, s = alpha / r0, the plain
+# orthogonality regulariser at 0.1, one learning rate, fp32 score EMAs per element.
+PRESETS: dict[str, dict] = {
+    "reference": {
+        "init": "gaussian",
+        "init_std": 0.02,
+        "scaling": "rank",
+        "gamma": 0.1,
+        "regulariser": "plain",
+        "gamma_decay": "none",
+        "lr_mult_E": 1.0,
+        "lr_mult_B": 1.0,
+        "score_state": "element",
+    },
+}
+# The choices of the method keys (kept here, torch-free, so recipes validate without torch).
+STARTS = ("gaussian", "orthonormal", "lora", "residual")  # see qelalora.starts
+SCALINGS = ("rank", "sqrt-rank")
+REGULARISER_FORMS = ("plain", "squared", "rank-normalised")
+GAMMA_DECAYS = ("none", "linear")
+SCORE_STATES = ("element", "element-bf16", "triplet")  # see qelalora.importance
 
 
 @dataclass
@@ -11,9 +39,12 @@ class ElaLoRAConfig:
     rank: int | str = "auto"  # initial rank of every layer: "auto" = the largest that fits the budget
     max_init_rank: int = 64
     r_min: int = 1  # a layer is never pruned below this; 0 lets a layer leave the model
-    alpha: float = 16.0  # s = alpha / r0
+    preset: str | None = None  # "reference" = the paper's configuration for every method key not set here
+    alpha: float = 16.0  # s = alpha / r0 (or alpha / sqrt(r0), see scaling)
+    scaling: str = "rank"  # rank: s = alpha / r0; sqrt-rank: s = alpha / sqrt(r0) (rsLoRA)
     dropout: float = 0.0
-    init_std: float = 0.02
+    init: str = "gaussian"  # gaussian | orthonormal | lora | residual (see qelalora.starts)
+    init_std: float = 0.02  # the gaussian start's standard deviation
     k: int = 2  # candidates per layer per round, and the most a layer can gain in one round
     b0: int = 4  # triplets pruned per round at the start of the adjustment phase
     t_init: int | float = 0.1  # warm-up: steps, or a fraction of total steps
@@ -22,11 +53,22 @@ class ElaLoRAConfig:
     beta1: float = 0.85
     beta2: float = 0.85
     gamma: float = 0.1  # orthogonality regulariser weight
+    regulariser: str = "plain"  # plain | squared | rank-normalised
+    gamma_decay: str = "none"  # none | linear (to 0 at the last step)
+    lr_mult_E: float = 1.0  # E's learning rate = train.lr x this
+    lr_mult_B: float = 1.0  # B's learning rate = train.lr x this
+    score_state: str = "element"  # element (fp32 EMAs per element) | element-bf16 | triplet
     optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
 
     @property
     def budget_bytes(self) -> int:
         return int(self.budget_mb * 2**20)
+
+    def gamma_at(self, step: int, total_steps: int) -> float:
+        """The regulariser's weight at `step` (counted from 0 before the first update)."""
+        if self.gamma_decay == "linear":
+            return self.gamma * max(0.0, 1.0 - step / total_steps)
+        return self.gamma
 
     def schedule(self, total_steps: int):
         from .allocator import Schedule  # torch-free import of this module for the edge path

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .allocator import LayerView, RoundPlan, Schedule, plan_round
-from .budget import LayerShape, OptimizerCost, adapter_bytes
+from .budget import LayerShape, StateCost, adapter_bytes
 from .importance import triplet_scores, update_importance
 from .layer import ElaLoRALinear
 from .resizer import apply_plan
@@ -37,7 +37,7 @@ class ElasticRanks:
     shapes: Sequence[LayerShape]
     schedule: Schedule
     budget_bytes: int
-    opt_cost: OptimizerCost
+    state_cost: StateCost
     fixed_bytes: int  # heads + optimiser state shared by all parameters
     k: int = 2
     r_min: int = 1
@@ -60,7 +60,7 @@ class ElasticRanks:
         return sum(layer.rank for layer in self._layer_list)
 
     def adapter_bytes(self) -> int:
-        return adapter_bytes(self.shapes, [l.rank for l in self._layer_list], self.opt_cost, self.fixed_bytes)
+        return adapter_bytes(self.shapes, [l.rank for l in self._layer_list], self.state_cost, self.fixed_bytes)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> RoundRecord | None:
         if not self.schedule.updates_scores(step):
@@ -71,7 +71,7 @@ class ElasticRanks:
 
     def plan(self, b: int) -> RoundPlan:
         views = [LayerView(s, l.rank, triplet_scores(l)) for s, l in zip(self.shapes, self._layer_list)]
-        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.opt_cost, self.fixed_bytes, self.max_total_rank)
+        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.state_cost, self.fixed_bytes, self.max_total_rank)
 
     def run_round(self, step: int, b: int, optimizer: torch.optim.Optimizer | None) -> RoundRecord:
         plan = self.plan(b)

@@ -224,6 +224,7 @@ def build_run(recipe: Recipe, log=print) -> Run:
         warmup_steps=steps_of(t.warmup_steps, t.steps),
         weight_decay=t.weight_decay,
         seed=t.seed,
+        weights_from=name,
     )
     stream = BatchStream(data.train, t.batch_size, data.pad_id, t.seed)
     return Run(recipe, model, spec, data, state, stream, device, plan)

@@ -130,6 +130,9 @@ def wrap_linears(
     dropout: float = 0.0,
     init_std: float = 0.02,
     seed: int = 0,
+    start: str = "gaussian",
+    scaling: str = "rank",
+    score_state: str = "element",
 ) -> dict[str, ElaLoRALinear]:
     """Replace each linear at `paths` with an ElaLoRA layer; returns them by path, in order."""
     generator = torch.Generator().manual_seed(seed)
@@ -140,7 +143,10 @@ def wrap_linears(
         base = getattr(parent, leaf)
         if not _is_linear(base):
             raise ModelError(f"{path} is a {type(base).__name__}, not a linear layer")
-        layer = ElaLoRALinear(base, rank, alpha, dropout=dropout, init_std=init_std, generator=generator)
+        layer = ElaLoRALinear(
+            base, rank, alpha, dropout=dropout, init_std=init_std, generator=generator,
+            start=start, scaling=scaling, score_state=score_state,
+        )
         setattr(parent, leaf, layer)
         layers[path] = layer
     return layers

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ElaLoRAConfig
+from .config import GAMMA_DECAYS, PRESETS, REGULARISER_FORMS, SCALINGS, SCORE_STATES, STARTS, ElaLoRAConfig
 from .errors import RecipeError
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -117,6 +117,7 @@ def _build_section(name: str, cls, raw, errors: list[str]):
     if not isinstance(raw, dict):
         errors.append(f"{name}: expected a mapping of keys, got {type(raw).__name__}")
         return cls()
+    raw = _with_preset(name, raw, errors)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     values = {}
@@ -130,6 +131,17 @@ def _build_section(name: str, cls, raw, errors: list[str]):
         else:
             values[key] = value
     return cls(**values)
+
+
+def _with_preset(name: str, raw: dict, errors: list[str]) -> dict:
+    """The elalora section with its preset's values under the keys it sets itself."""
+    preset = raw.get("preset") if name == "elalora" else None
+    if preset is None:
+        return raw
+    if preset not in PRESETS:
+        errors.append(f"elalora.preset: one of {', '.join(PRESETS)} (or null), got {preset!r}"[:300])
+        return raw
+    return {**PRESETS[preset], **raw}
 
 
 def _check_ranges(recipe: Recipe, errors: list[str]) -> None:
@@ -169,6 +181,15 @@ def _check_ranges(recipe: Recipe, errors: list[str]) -> None:
     need(e.gamma >= 0 and e.alpha > 0, "elalora.gamma must be >= 0 and elalora.alpha > 0")
     need(0 <= e.dropout < 1, f"elalora.dropout: must be in [0, 1), got {e.dropout}")
     need(e.optimizer in ("adamw", "adamw8bit"), f"elalora.optimizer: 'adamw' or 'adamw8bit', got {e.optimizer!r}")
+    choices = {"init": STARTS, "scaling": SCALINGS, "regulariser": REGULARISER_FORMS, "gamma_decay": GAMMA_DECAYS,
+               "score_state": SCORE_STATES}
+    for key, allowed in choices.items():
+        need(getattr(e, key) in allowed, f"elalora.{key}: one of {', '.join(allowed)}, got {getattr(e, key)!r}"[:300])
+    need(e.init != "residual" or m.quantize == "nf4",
+         "elalora.init: residual starts from the NF4 quantisation error; it needs model.quantize: nf4")
+    need(0 < e.init_std <= 1, f"elalora.init_std: must be in (0, 1], got {e.init_std}")
+    for key in ("lr_mult_E", "lr_mult_B"):
+        need(0 < getattr(e, key) <= 1e4, f"elalora.{key}: must be in (0, 10000], got {getattr(e, key)}")
     for key in ("t_init", "t_final", "delta"):
         need(getattr(e, key) >= 0, f"elalora.{key}: must be >= 0, got {getattr(e, key)}")
     if not errors:

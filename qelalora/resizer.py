@@ -3,9 +3,10 @@
 The `nn.Parameter` objects stay the same (`p.data` is replaced), so the
 optimiser, its param groups and the LR scheduler never notice a round.
 Surviving triplets keep their values and moments exactly; a new triplet is
-function-preserving (E = 1e-13) with A and B vectors orthogonal to the layer's
-existing ones, `exp_avg = 0` and `exp_avg_sq` = the mean of the tensor's
-surviving second moments, so its first steps are no larger than its neighbours'.
+function-preserving (what it looks like depends on the layer's start, see
+`qelalora.starts`), with `exp_avg = 0` and `exp_avg_sq` = the mean of the
+tensor's surviving second moments, so its first steps are no larger than its
+neighbours', and score EMAs at zero.
 Handles torch's Adam/AdamW (plain, foreach, fused) and bitsandbytes' 8-bit
 AdamW (whose blockwise state is dequantised, resized and requantised).
 """
@@ -17,35 +18,12 @@ from collections.abc import Sequence
 import torch
 
 from .allocator import RoundPlan
-from .layer import ADAPTER_TENSORS, TRIPLET_DIM, ElaLoRALinear
+from .layer import ADAPTER_TENSORS, TRIPLET_DIM, ElaLoRALinear, score_dim
+from .starts import new_triplets
 
-NEW_TRIPLET_E = 1e-13
 _FIRST_MOMENTS = {"exp_avg", "state1"}  # new entries start at zero; other moments at the survivors' mean
 _BNB_BLOCK = 256
 _BNB_AUX = ("qmap", "absmax")  # bitsandbytes' quantisation maps and block scales: rebuilt, never sliced
-
-
-def orthogonal_unit_rows(existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n random unit rows orthogonal to the row space of `existing` and to each other."""
-    d = existing.shape[1]
-    if existing.shape[0] + n > d:
-        raise ValueError(f"cannot add {n} orthogonal rows to {existing.shape[0]} in dimension {d}")
-    basis = torch.linalg.qr(existing.detach().double().cpu().T).Q if existing.shape[0] else torch.zeros(d, 0).double()
-    rows = []
-    for _ in range(n):
-        for _attempt in range(16):
-            v = torch.randn(d, generator=generator, dtype=torch.float64)
-            v /= v.norm()
-            for _pass in range(2):  # project twice: one Gram-Schmidt pass loses orthogonality when ill-conditioned
-                v -= basis @ (basis.T @ v)
-            if v.norm() > 1e-3:
-                break
-        else:
-            raise RuntimeError("could not find a vector orthogonal to the existing triplets")
-        v /= v.norm()
-        basis = torch.cat([basis, v[:, None]], dim=1)
-        rows.append(v)
-    return torch.stack(rows).float()
 
 
 def _resize_tensor(old: torch.Tensor, keep: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
@@ -97,17 +75,13 @@ def resize_layer(
         raise ValueError("a layer is never pruned and grown in the same round")
     gone = set(remove)
     keep = torch.tensor([t for t in range(layer.rank) if t not in gone], dtype=torch.long)
-    new_a = new_b = None
     if n_new:
         kept_a = layer.lora_A.index_select(0, keep.to(layer.lora_A.device))
         kept_b = layer.lora_B.index_select(1, keep.to(layer.lora_B.device))
-        new_a = orthogonal_unit_rows(kept_a, n_new, generator)
-        new_b = orthogonal_unit_rows(kept_b.T, n_new, generator).T
-    new_values = {
-        "lora_A": new_a if n_new else layer.lora_A.new_zeros(0, layer.in_features),
-        "lora_E": torch.full((n_new,), NEW_TRIPLET_E),
-        "lora_B": new_b if n_new else layer.lora_B.new_zeros(layer.out_features, 0),
-    }
+        new_a, new_e, new_b = new_triplets(layer, kept_a, kept_b, n_new, generator)
+    else:
+        new_a, new_e, new_b = layer.lora_A.new_zeros(0, layer.in_features), torch.zeros(0), layer.lora_B.new_zeros(layer.out_features, 0)
+    new_values = {"lora_A": new_a, "lora_E": new_e, "lora_B": new_b}
     for name in ADAPTER_TENSORS:
         param = getattr(layer, name)
         dim = TRIPLET_DIM[name]
@@ -116,7 +90,8 @@ def resize_layer(
             _resize_optimizer_state(optimizer.state[param], old_shape, keep, n_new, dim)
         for buf_name in (f"{name}_ibar", f"{name}_ubar"):
             buf = getattr(layer, buf_name)
-            setattr(layer, buf_name, _resize_tensor(buf, keep, _new_slice_like(buf, n_new, dim, 0.0), dim))
+            bdim = score_dim(name, buf)
+            setattr(layer, buf_name, _resize_tensor(buf, keep, _new_slice_like(buf, n_new, bdim, 0.0), bdim))
         param.data = _resize_tensor(param.data, keep, new_values[name], dim)
         param.grad = None
 

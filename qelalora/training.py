@@ -3,7 +3,9 @@
 One step is: forward, task loss + orthogonality regulariser, backward,
 optimiser step, importance update and (when due) a rank round, zero_grad,
 LR scheduler step. Rank rounds never touch the optimiser's param groups or
-the scheduler, so the LR follows its schedule whatever the ranks do.
+the scheduler, so the LR follows its schedule whatever the ranks do. The
+optimiser has one param group per kind of tensor (A, E, B, heads), so that
+E and B can have their own learning-rate multipliers.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .budget import LayerShape, OptimizerCost, RankPlan, head_bytes, plan_initial_rank
+from .budget import LayerShape, RankPlan, StateCost, head_bytes, plan_initial_rank
 from .config import ElaLoRAConfig
 from .elastic import ElasticRanks
 from .layer import ElaLoRALinear, base_weight_shape
 from .models import wrap_linears
+from .starts import apply_residual, full_precision_weights
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 
@@ -32,14 +35,16 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ranks: ElasticRanks
     rank_plan: RankPlan
-    gamma: float
+    cfg: ElaLoRAConfig
+    total_steps: int
     step: int = 0
 
     def trainable_params(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.adapter_params()] + self.head_params
 
 
-def build_optimizer(params: Sequence[nn.Parameter], name: str, lr: float, weight_decay: float = 0.0, foreach=None):
+def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, foreach=None):
+    """AdamW or bitsandbytes' AdamW8bit over `params` (tensors, or param-group dicts)."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=foreach)
     if name == "adamw8bit":
@@ -48,6 +53,17 @@ def build_optimizer(params: Sequence[nn.Parameter], name: str, lr: float, weight
         # min_8bit_size=0: every tensor gets 8-bit state, so its bytes are one exact formula.
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=0)
     raise ValueError(f"unknown optimiser {name!r}; choose 'adamw' or 'adamw8bit'")
+
+
+def param_groups(layers: Sequence[ElaLoRALinear], heads: Sequence[nn.Parameter], lr: float, cfg: ElaLoRAConfig) -> list[dict]:
+    """One group per kind of tensor: A, E (lr x lr_mult_E), B (lr x lr_mult_B), heads; empty ones left out."""
+    groups = [
+        {"params": [l.lora_A for l in layers], "lr": lr},
+        {"params": [l.lora_E for l in layers], "lr": lr * cfg.lr_mult_E},
+        {"params": [l.lora_B for l in layers], "lr": lr * cfg.lr_mult_B},
+        {"params": list(heads), "lr": lr},
+    ]
+    return [g for g in groups if g["params"]]
 
 
 def target_shapes(model: nn.Module, paths: Sequence[str]) -> list[LayerShape]:
@@ -59,11 +75,11 @@ def target_shapes(model: nn.Module, paths: Sequence[str]) -> list[LayerShape]:
     return shapes
 
 
-def plan_ranks(shapes: Sequence[LayerShape], head_numels: Sequence[int], cfg: ElaLoRAConfig) -> tuple[OptimizerCost, int, RankPlan]:
+def plan_ranks(shapes: Sequence[LayerShape], head_numels: Sequence[int], cfg: ElaLoRAConfig) -> tuple[StateCost, int, RankPlan]:
     """The optimiser's cost model, the fixed bytes (heads + shared state) and the initial rank plan."""
-    opt_cost = OptimizerCost(cfg.optimizer)
-    fixed = head_bytes(head_numels, opt_cost) + opt_cost.shared_bytes()
-    return opt_cost, fixed, plan_initial_rank(shapes, cfg.budget_bytes, opt_cost, fixed, cfg.rank, cfg.max_init_rank, cfg.r_min)
+    state_cost = StateCost(cfg.optimizer, cfg.score_state)
+    fixed = head_bytes(head_numels, state_cost) + state_cost.shared_bytes()
+    return state_cost, fixed, plan_initial_rank(shapes, cfg.budget_bytes, state_cost, fixed, cfg.rank, cfg.max_init_rank, cfg.r_min)
 
 
 def prepare_training(
@@ -77,29 +93,40 @@ def prepare_training(
     weight_decay: float = 0.0,
     seed: int = 0,
     foreach: bool | None = None,
+    weights_from: str | None = None,
 ) -> TrainState:
     """Plan initial ranks from the budget, wrap the target linears, build optimiser and schedules.
 
     Seeds torch's global RNG (dropout) with `seed`; seed it before loading a
     model too when the model has freshly initialised parts (a new head).
+    `weights_from` (a model folder or hub id) is where the residual start reads
+    the full-precision weights.
     """
     from transformers import get_linear_schedule_with_warmup
 
     torch.manual_seed(seed)
 
     shapes = target_shapes(model, paths)
-    opt_cost, fixed, rank_plan = plan_ranks(shapes, [p.numel() for p in heads], cfg)
-    layers = wrap_linears(model, paths, rank_plan.rank, cfg.alpha, cfg.dropout, cfg.init_std, seed=seed)
+    state_cost, fixed, rank_plan = plan_ranks(shapes, [p.numel() for p in heads], cfg)
+    layers = wrap_linears(
+        model, paths, rank_plan.rank, cfg.alpha, cfg.dropout, cfg.init_std, seed=seed,
+        start=cfg.init, scaling=cfg.scaling, score_state=cfg.score_state,
+    )
+    if cfg.init == "residual":
+        if weights_from is None:
+            raise ValueError("the residual start needs weights_from: the model's folder or hub id")
+        prefix = model.base_model_prefix if model.base_model is not model else ""
+        for path, weight in full_precision_weights(weights_from, paths, prefix):
+            apply_residual(layers[path], weight, seed)
     heads = list(heads)
-    params = [p for layer in layers.values() for p in layer.adapter_params()] + heads
-    optimizer = build_optimizer(params, cfg.optimizer, lr, weight_decay, foreach)
+    optimizer = build_optimizer(param_groups(list(layers.values()), heads, lr, cfg), cfg.optimizer, lr, weight_decay, foreach)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     ranks = ElasticRanks(
         layers=layers,
         shapes=shapes,
         schedule=cfg.schedule(total_steps),
         budget_bytes=cfg.budget_bytes,
-        opt_cost=opt_cost,
+        state_cost=state_cost,
         fixed_bytes=fixed,
         k=cfg.k,
         r_min=cfg.r_min,
@@ -107,21 +134,23 @@ def prepare_training(
         beta2=cfg.beta2,
         seed=seed,
     )
-    return TrainState(model, layers, heads, optimizer, scheduler, ranks, rank_plan, cfg.gamma)
+    return TrainState(model, layers, heads, optimizer, scheduler, ranks, rank_plan, cfg, total_steps)
 
 
-def orthogonality_regulariser(layers: Sequence[ElaLoRALinear], gamma: float) -> torch.Tensor | None:
+def orthogonality_regulariser(layers: Sequence[ElaLoRALinear], gamma: float, form: str = "plain") -> torch.Tensor | None:
+    """gamma x the mean over live layers of their orthogonality penalty (None when there is nothing to add)."""
     live = [layer for layer in layers if layer.rank > 0]
     if gamma == 0 or not live:
         return None
-    return gamma * torch.stack([layer.orthogonality_penalty() for layer in live]).mean()
+    return gamma * torch.stack([layer.orthogonality_penalty(form) for layer in live]).mean()
 
 
 def train_step(state: TrainState, batch, loss_fn: LossFn) -> float:
     """One optimiser step; returns the task loss."""
     state.model.train()
     loss = loss_fn(state.model, batch)
-    reg = orthogonality_regulariser(list(state.layers.values()), state.gamma)
+    gamma = state.cfg.gamma_at(state.step, state.total_steps)
+    reg = orthogonality_regulariser(list(state.layers.values()), gamma, state.cfg.regulariser)
     total = loss if reg is None else loss + reg
     total.backward()
     state.optimizer.step()

@@ -1,8 +1,8 @@
 import pytest
 
-from qelalora.budget import BudgetError, LayerShape, OptimizerCost, layer_bytes, plan_initial_rank
+from qelalora.budget import BudgetError, LayerShape, StateCost, layer_bytes, plan_initial_rank
 
-ADAMW = OptimizerCost("adamw")
+ADAMW = StateCost("adamw")
 
 
 def test_triplet_cost_matches_spec_formula_for_adamw():
@@ -12,7 +12,7 @@ def test_triplet_cost_matches_spec_formula_for_adamw():
 
 
 def test_eight_bit_adamw_costs_less():
-    eight = OptimizerCost("adamw8bit")
+    eight = StateCost("adamw8bit")
     assert layer_bytes(384, 384, 8, eight) < layer_bytes(384, 384, 8, ADAMW)
     n = 8 * 384
     assert layer_bytes(384, 384, 8, eight) == 2 * (16 * n + 2 * n + 8 * (n // 256)) + (16 * 8 + 2 * 8 + 8)

@@ -6,11 +6,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qelalora.allocator import LayerView, plan_round
-from qelalora.budget import LayerShape, OptimizerCost, adapter_bytes
+from qelalora.budget import LayerShape, StateCost, adapter_bytes, layer_bytes
 from qelalora.layer import ElaLoRALinear
 from qelalora.resizer import resize_layer
 
-ADAMW = OptimizerCost("adamw")
+ADAMW = StateCost("adamw")
 
 
 @st.composite
@@ -40,7 +40,16 @@ def test_plan_keeps_every_promise(case, k, b):
     assert plan.bytes_after <= budget
     assert plan.bytes_after == adapter_bytes([v.shape for v in views], new, ADAMW, fixed)
     assert not set(plan.prune) & set(plan.grow)
-    assert sum(len(t) for t in plan.prune.values()) <= b and sum(plan.grow.values()) <= b
+    pruned = sum(len(t) for t in plan.prune.values())
+    assert pruned <= b and sum(plan.grow.values()) <= pruned
+    if sum(plan.grow.values()) < pruned:  # a slot was left unused: then no layer could have taken one more
+        for i, v in enumerate(views):
+            if v.rank == 0 or i in plan.prune:
+                continue
+            extra = layer_bytes(v.shape.d_in, v.shape.d_out, new[i] + 1, ADAMW) - layer_bytes(v.shape.d_in, v.shape.d_out, new[i], ADAMW)
+            assert plan.grow.get(i, 0) >= k or new[i] >= v.shape.max_rank or plan.bytes_after + extra > budget, i
+    again = plan_round([LayerView(v.shape, v.rank, v.scores.clone()) for v in views], b, k, r_min, budget, ADAMW, fixed)
+    assert (again.prune, again.grow, again.bytes_after) == (plan.prune, plan.grow, plan.bytes_after)
     for i, v in enumerate(views):
         assert new[i] <= v.shape.max_rank
         assert plan.grow.get(i, 0) <= k

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from qelalora.allocator import RoundPlan
-from qelalora.resizer import NEW_TRIPLET_E, apply_plan, orthogonal_unit_rows, resize_layer
+from qelalora.resizer import apply_plan, resize_layer
+from qelalora.starts import NEW_TRIPLET_E, orthogonal_unit_rows
 from qelalora.training import build_optimizer
 from tests.helpers import plain_layer
 

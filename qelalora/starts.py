@@ -1,0 +1,164 @@
+"""Where the triplets of an ElaLoRA layer start, at step 0 and when a round adds one.
+
+- gaussian (the paper's): E = 0, A and B ~ N(0, init_std^2). Function-preserving,
+  but the update s B diag(E) A grows as a product of three small factors.
+- orthonormal: A's rows and B's columns orthonormal, E = 0 (the regulariser starts
+  at zero). Function-preserving.
+- lora: A as `nn.Linear`'s default init (uniform, +-1/sqrt(d_in)), B = 0, E = 1, so
+  the update grows with one factor, as LoRA's does. Function-preserving.
+- residual: A, E, B from a truncated SVD of the quantisation error W - deq(NF4(W)),
+  so the adapted model starts closer to the full-precision model than the NF4
+  base alone (LoftQ's idea in SVD form). Needs the full-precision weights once.
+
+A triplet added by a rank round is function-preserving in every start: for
+`lora` it is a fresh LoRA column (A row at the start's scale, orthogonal to the
+kept rows; B = 0; E = 1); otherwise the spec's (unit A row and B column, each
+orthogonal to the kept ones; E = 1e-13).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .config import STARTS
+
+NEW_TRIPLET_E = 1e-13
+LORA_ROW_NORM = 1 / math.sqrt(3)  # expected row norm of U(-1/sqrt(d), 1/sqrt(d)) in d dimensions
+EXACT_SVD_MAX = 4096  # above this smaller dimension, the residual start uses a randomised SVD
+
+
+def orthogonal_unit_rows(existing: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n random unit rows orthogonal to the row space of `existing` and to each other."""
+    d = existing.shape[1]
+    if existing.shape[0] + n > d:
+        raise ValueError(f"cannot add {n} orthogonal rows to {existing.shape[0]} in dimension {d}")
+    basis = torch.linalg.qr(existing.detach().double().cpu().T).Q if existing.shape[0] else torch.zeros(d, 0).double()
+    rows = []
+    for _ in range(n):
+        for _attempt in range(16):
+            v = torch.randn(d, generator=generator, dtype=torch.float64)
+            v /= v.norm()
+            for _pass in range(2):  # project twice: one Gram-Schmidt pass loses orthogonality when ill-conditioned
+                v -= basis @ (basis.T @ v)
+            if v.norm() > 1e-3:
+                break
+        else:
+            raise RuntimeError("could not find a vector orthogonal to the existing triplets")
+        v /= v.norm()
+        basis = torch.cat([basis, v[:, None]], dim=1)
+        rows.append(v)
+    return torch.stack(rows).float()
+
+
+@torch.no_grad()
+def initialise(layer, start: str, generator: torch.Generator | None, init_std: float = 0.02) -> None:
+    """Set a freshly built layer's A, E, B for `start` (`residual` starts orthonormal until `apply_residual`)."""
+    a, e, b = layer.lora_A, layer.lora_E, layer.lora_B
+    if start == "gaussian":
+        a.normal_(0.0, init_std, generator=generator)
+        b.normal_(0.0, init_std, generator=generator)
+        e.zero_()
+    elif start in ("orthonormal", "residual"):
+        g = generator if generator is not None else torch.Generator().manual_seed(0)
+        empty_a, empty_b = a.new_zeros(0, a.shape[1]), b.new_zeros(0, b.shape[0])
+        a.copy_(orthogonal_unit_rows(empty_a, a.shape[0], g))
+        b.copy_(orthogonal_unit_rows(empty_b, b.shape[1], g).T)
+        e.zero_()
+    elif start == "lora":
+        bound = 1 / math.sqrt(a.shape[1])
+        a.uniform_(-bound, bound, generator=generator)
+        b.zero_()
+        e.fill_(1.0)
+    else:
+        raise ValueError(f"unknown start {start!r}; choose one of {', '.join(STARTS)}")
+
+
+def new_triplets(layer, kept_a: torch.Tensor, kept_b: torch.Tensor, n: int, generator: torch.Generator):
+    """(A rows [n, d_in], E [n], B columns [d_out, n]) for n triplets appended to `layer`."""
+    new_a = orthogonal_unit_rows(kept_a, n, generator)
+    if layer.start == "lora":
+        return new_a * LORA_ROW_NORM, torch.ones(n), torch.zeros(kept_b.shape[0], n)
+    new_b = orthogonal_unit_rows(kept_b.T, n, generator).T
+    return new_a, torch.full((n,), NEW_TRIPLET_E), new_b
+
+
+# ---------------------------------------------------------------- the residual start
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [model_dir / n for n in names]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def _local_folder(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def full_precision_weights(name_or_path: str, paths: Sequence[str], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's own (unquantised) weight of each module path, one at a time, as fp32.
+
+    Checkpoints name tensors with or without the model's base prefix (`bert.`,
+    `model.`), so both spellings are tried.
+    """
+    from safetensors import safe_open
+
+    from .errors import UserError
+
+    files = _weight_files(_local_folder(name_or_path))
+    if not files:
+        raise UserError(f"the residual start needs the model's safetensors weights; none found for {name_or_path!r}")
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as handle:
+            for key in handle.keys():
+                where[key] = f
+    for path in paths:
+        candidates = [f"{path}.weight"]
+        if prefix and path.startswith(prefix + "."):
+            candidates.append(f"{path[len(prefix) + 1:]}.weight")
+        elif prefix:
+            candidates.append(f"{prefix}.{path}.weight")
+        key = next((k for k in candidates if k in where), None)
+        if key is None:
+            raise UserError(f"the residual start cannot find {path}'s weight in {name_or_path!r} (tried {candidates})")
+        with safe_open(where[key], framework="pt") as handle:
+            yield path, handle.get_tensor(key).float()
+
+
+@torch.no_grad()
+def apply_residual(layer, full_weight: torch.Tensor, seed: int = 0) -> float:
+    """Start `layer` at the best rank-r fit of W - deq(W0); returns the share of the error it removes.
+
+    s B diag(E) A = U_r S_r V_r^T, so A and B are orthonormal and E holds the
+    error's singular values divided by s.
+    """
+    from .layer import dequantized_base_weight
+
+    rank = layer.rank
+    residual = full_weight.to(torch.float32) - dequantized_base_weight(layer.base).cpu()
+    if min(residual.shape) <= EXACT_SVD_MAX:
+        u, s, vh = torch.linalg.svd(residual, full_matrices=False)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(residual, q=min(rank + 16, min(residual.shape)), niter=4)
+        vh = v.T
+    device = layer.lora_A.device
+    layer.lora_A.copy_(vh[:rank].to(device))
+    layer.lora_B.copy_(u[:, :rank].to(device))
+    layer.lora_E.copy_((s[:rank] / layer.scaling).to(device))
+    total = residual.pow(2).sum().item()
+    return s[:rank].pow(2).sum().item() / total if total > 0 else 0.0
