@@ -16,8 +16,16 @@ Methods
   elalora-rank-budget    ablation: total rank capped at its start, bytes unbounded (the reference's budget)
   <method>-g0            the same with the orthogonality regulariser off (gamma / orth_reg_weight = 0)
 
-    python bench/quality.py                 # the whole suite (resumes: finished cells are kept)
-    python bench/quality.py --report        # tables and pictures from the results
+A cell's `variant` (bench/variants.py) changes qelalora's method settings
+(e.g. `reference`: the paper's configuration) or, for lora, its rank
+(`eqbytes`: the rank whose adapter state fills the bytes of qelalora's default
+at rank r). `split` says which held-out split is scored: settings are chosen on
+`val`, and confirmed on `test`. `steps` and `lr` override the task's.
+
+    python bench/quality.py                      # the original suite (resumes: finished cells are kept)
+    python bench/quality.py --suite sweep        # settings tried on the validation split
+    python bench/quality.py --suite confirm      # the chosen defaults on the test split, 3 seeds
+    python bench/quality.py --report             # tables and pictures from the results
     python bench/quality.py --cell '{"task": "minilm", "method": "elalora", "rank": 2, "seed": 0}'
 """
 
@@ -60,30 +68,52 @@ class Cell:
     rank: int
     seed: int
     repeat: int = 0  # 1 = a rerun of the same cell, to show the numbers reproduce
+    variant: str = ""  # a name in bench/variants.py
+    split: str = "test"  # the held-out split scored: "val" to choose settings, "test" to confirm them
+    steps: int = 0  # 0 = the task's
+    lr: float = 0.0  # 0 = the task's
+    probe: int = 0  # every this many steps, record update norms per layer (bench/diagnose.py)
 
     @property
     def base_method(self) -> str:
         return self.method.removesuffix("-g0")
 
     @property
-    def gamma(self) -> float:
-        """Orthogonality regulariser weight: 0.1 (spec and PEFT default) unless the method ends in -g0."""
-        return 0.0 if self.method.endswith("-g0") else 0.1
+    def gamma(self) -> float | None:
+        """Orthogonality regulariser weight: 0 if the method ends in -g0, else PEFT's default (0.1) / the variant's."""
+        return 0.0 if self.method.endswith("-g0") else None
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}[{self.variant}]" if self.variant else self.method
 
     @property
     def key(self) -> str:
-        return f"{self.task}/{self.method}/r{self.rank}/s{self.seed}/{self.repeat}"
+        extra = "".join(f"/{k}{v:g}" if isinstance(v, float) else f"/{k}{v}"
+                        for k, v in (("", self.split), ("steps", self.steps), ("lr", self.lr), ("probe", self.probe))
+                        if v and v != "test")
+        return f"{self.task}/{self.label}/r{self.rank}/s{self.seed}/{self.repeat}{extra}"
 
 
-def suite() -> list[Cell]:
-    smollm2 = [Cell("smollm2", m, 4, s) for s in (0, 1) for m in METHODS]
+def original_suite() -> list[Cell]:
+    """The first comparison (qelalora's settings of then = the `reference` variant)."""
+    ref = lambda task, m, r, s, **kw: Cell(task, m, r, s, variant="reference" if m not in ("lora", "adalora", "adalora-g0") else "", **kw)  # noqa: E731
+    smollm2 = [ref("smollm2", m, 4, s) for s in (0, 1) for m in METHODS]
     cells = smollm2[:4]  # the costliest cells first, so a failure shows early
-    cells += [Cell("minilm", m, r, s) for s in (0, 1, 2) for r in (2, 8) for m in METHODS]
-    cells += [Cell("minilm", m, 2, s) for s in (0, 1, 2) for m in ABLATIONS]
-    cells += [Cell("minilm", "elalora", 2, 0, repeat=1)]
+    cells += [ref("minilm", m, r, s) for s in (0, 1, 2) for r in (2, 8) for m in METHODS]
+    cells += [ref("minilm", m, 2, s) for s in (0, 1, 2) for m in ABLATIONS]
+    cells += [ref("minilm", "elalora", 2, 0, repeat=1)]
     cells += smollm2[4:]
-    cells += [Cell("smollm2", "elalora-g0", 4, 0)]
-    return cells + [Cell("minilm", m, 2, s) for s in (0, 1, 2) for m in NO_REGULARISER]
+    cells += [ref("smollm2", "elalora-g0", 4, 0)]
+    return cells + [ref("minilm", m, 2, s) for s in (0, 1, 2) for m in NO_REGULARISER]
+
+
+def suite(name: str) -> list[Cell]:
+    if name == "original":
+        return original_suite()
+    from variants import SUITES
+
+    return SUITES[name]()
 
 
 # ---------------------------------------------------------------- one cell (runs in a worker process)
@@ -103,25 +133,26 @@ def _status_kib(field: str) -> int:
 
 
 def _load_data(cell: Cell, recipe, tokenizer, spec):
-    """Tokenised train/test examples; the causal-LM blocks are cached (tokenising the docs takes a while)."""
+    """Tokenised train and held-out (cell.split) examples; the causal-LM blocks are cached (tokenising the docs takes a while)."""
     from qelalora.records import load_task_data
 
     if spec.task == "seq-cls":
         data = load_task_data(recipe.data, spec.task, tokenizer, recipe.model.num_labels)
-        return data.train, data.test, data.pad_id
+        return data.train, getattr(data, cell.split), data.pad_id
     import numpy as np
 
-    cache = RESULTS.parent / "out" / "cache" / f"{cell.task}-{recipe.data.max_length}-{recipe.data.test_size}-{recipe.data.max_train_examples}.npz"
+    d = recipe.data
+    cache = RESULTS.parent / "out" / "cache" / f"{cell.task}-{d.max_length}-{d.val_size}-{d.test_size}-{d.max_train_examples}.npz"
     if not cache.exists():
         data = load_task_data(recipe.data, spec.task, tokenizer)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, train=np.array([e["input_ids"] for e in data.train], dtype=np.int64),
-                 test=np.array([e["input_ids"] for e in data.test], dtype=np.int64), pad=np.array(data.pad_id))
+        blocks = lambda examples: np.array([e["input_ids"] for e in examples], dtype=np.int64)  # noqa: E731
+        np.savez(tmp, train=blocks(data.train), val=blocks(data.val), test=blocks(data.test), pad=np.array(data.pad_id))
         tmp.replace(cache)
     arrays = np.load(cache, allow_pickle=False)
-    as_examples = lambda a: [{"input_ids": row.tolist()} for row in a]
-    return as_examples(arrays["train"]), as_examples(arrays["test"]), int(arrays["pad"])
+    as_examples = lambda a: [{"input_ids": row.tolist()} for row in a]  # noqa: E731
+    return as_examples(arrays["train"]), as_examples(arrays[cell.split]), int(arrays["pad"])
 
 
 def _schedule_steps(t: dict) -> tuple[int, int, int, int]:
@@ -131,20 +162,38 @@ def _schedule_steps(t: dict) -> tuple[int, int, int, int]:
     return steps_of(t["warmup"], t["steps"]), steps_of(t["t_init"], t["steps"]), steps_of(t["t_final"], t["steps"]), t["delta"]
 
 
+def elalora_config(cell: Cell, t: dict):
+    """qelalora's settings for a cell: its defaults, then the variant's changes, then the task's schedule."""
+    from dataclasses import replace
+
+    from qelalora.config import PRESETS, ElaLoRAConfig
+    from variants import VARIANTS
+
+    options = dict(VARIANTS[cell.variant]) if cell.variant else {}
+    preset = options.pop("preset", None)
+    options = {**(PRESETS[preset] if preset else {}), **options}
+    if cell.gamma is not None:
+        options["gamma"] = cell.gamma
+    _, t_init, t_final, delta = _schedule_steps(t)
+    b0 = 0 if cell.base_method == "fixed" else options.pop("b0", t["b0"])
+    options.pop("b0", None)
+    return replace(ElaLoRAConfig(), budget_mb=1e6, rank=cell.rank, max_init_rank=cell.rank, b0=b0, t_init=t_init,
+                   t_final=t_final, delta=delta, **options)
+
+
 class ElaLoRAMethod:
     """qelalora's own training state, with the ablation switches the bench needs."""
 
-    def __init__(self, cell: Cell, model, spec, paths, t: dict):
-        from qelalora.config import ElaLoRAConfig
+    def __init__(self, cell: Cell, model, spec, paths, t: dict, weights_from: str):
         from qelalora.models import head_params
         from qelalora.training import prepare_training, train_step
 
         self._train_step = train_step
-        warmup, t_init, t_final, delta = _schedule_steps(t)
-        b0 = 0 if cell.base_method == "fixed" else t["b0"]
-        cfg = ElaLoRAConfig(budget_mb=1e6, rank=cell.rank, max_init_rank=cell.rank, b0=b0, t_init=t_init, t_final=t_final,
-                            delta=delta, gamma=cell.gamma)
-        self.state = prepare_training(model, paths, head_params(model, spec), cfg, t["steps"], t["lr"], warmup, seed=cell.seed)
+        warmup = _schedule_steps(t)[0]
+        cfg = elalora_config(cell, t)
+        self.config = asdict(cfg)
+        self.state = prepare_training(model, paths, head_params(model, spec), cfg, t["steps"], t["lr"], warmup, seed=cell.seed,
+                                      weights_from=weights_from)
         ranks = self.state.ranks
         if cell.method == "elalora-rank-budget":
             ranks.max_total_rank = ranks.total_rank
@@ -191,27 +240,60 @@ class ElaLoRAMethod:
     def rounds(self) -> int:
         return sum(1 for r in self.state.ranks.history if r.pruned or r.grown)
 
+    def factors(self) -> dict[str, tuple]:
+        """Per layer: ||delta W||_F and the sizes of its factors (median |E|, median A row norm, median B column norm)."""
+        import torch
+
+        out = {}
+        with torch.no_grad():
+            for name, layer in self.state.layers.items():
+                if layer.rank == 0:
+                    out[name] = (0.0, 0.0, 0.0, 0.0)
+                    continue
+                out[name] = (layer.delta_weight().norm().item(), layer.lora_E.abs().median().item(),
+                             layer.lora_A.norm(dim=1).median().item(), layer.lora_B.norm(dim=0).median().item())
+        return out
+
+
+def lora_rank_for_bytes(shapes, rank: int) -> int:
+    """The LoRA rank whose training state (fp32 weights, gradients, two AdamW moments) fills the adapter
+    state of qelalora's default settings at `rank` on the same layers (at least `rank`)."""
+    from qelalora.budget import StateCost, layer_bytes, tensor_train_bytes
+    from qelalora.config import ElaLoRAConfig
+
+    default = ElaLoRAConfig()
+    ours = sum(layer_bytes(s.d_in, s.d_out, rank, StateCost(default.optimizer, default.score_state)) for s in shapes)
+    lora = lambda q: sum(tensor_train_bytes(q * s.d_in, StateCost("adamw")) + tensor_train_bytes(q * s.d_out, StateCost("adamw"))  # noqa: E731
+                         for s in shapes)
+    q = rank
+    while lora(q + 1) <= ours:
+        q += 1
+    return q
+
 
 class PeftMethod:
     """PEFT LoRA or AdaLoRA on the same base, heads trained in full, same optimiser and schedule."""
 
-    def __init__(self, cell: Cell, model, spec, paths, t: dict):
+    def __init__(self, cell: Cell, model, spec, paths, t: dict, weights_from: str):
         import torch
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
         from transformers import get_linear_schedule_with_warmup
 
         from qelalora.models import head_params
+        from qelalora.training import target_shapes
 
         torch.manual_seed(cell.seed)
         heads = head_params(model, spec)
         self.adalora = cell.base_method == "adalora"
         warmup, t_init, t_final, delta = _schedule_steps(t)
+        self.rank = lora_rank_for_bytes(target_shapes(model, paths), cell.rank) if cell.variant == "eqbytes" else cell.rank
+        gamma = 0.1 if cell.gamma is None else cell.gamma
         if self.adalora:
             config = AdaLoraConfig(init_r=math.ceil(1.5 * cell.rank), target_r=cell.rank, tinit=t_init, tfinal=t_final,
-                                   deltaT=delta, beta1=0.85, beta2=0.85, orth_reg_weight=cell.gamma, total_step=t["steps"],
+                                   deltaT=delta, beta1=0.85, beta2=0.85, orth_reg_weight=gamma, total_step=t["steps"],
                                    lora_alpha=16, lora_dropout=0.0, target_modules=paths)
         else:
-            config = LoraConfig(r=cell.rank, lora_alpha=16, lora_dropout=0.0, target_modules=paths)
+            config = LoraConfig(r=self.rank, lora_alpha=16, lora_dropout=0.0, target_modules=paths)
         self.model = get_peft_model(model, config)
         for p in heads:
             p.requires_grad_(True)
@@ -268,6 +350,19 @@ class PeftMethod:
     def rounds(self) -> int:
         return 0
 
+    def factors(self) -> dict[str, tuple]:
+        """Per layer: ||delta W||_F, then 1.0 (no E), median A row norm, median B column norm."""
+        import torch
+
+        out = {}
+        with torch.no_grad():
+            for name, m in self._lora_layers().items():
+                a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+                delta = m.scaling["default"] * (b @ a)
+                out[name.removeprefix("base_model.model.")] = (delta.norm().item(), 1.0, a.norm(dim=1).median().item(),
+                                                                b.norm(dim=0).median().item())
+        return out
+
 
 def _drop_groups(method: ElaLoRAMethod, seed: int) -> dict[str, list[str]]:
     """Top and bottom 25% of layers by final rank; ties broken by a seeded shuffle."""
@@ -305,7 +400,8 @@ def run_cell(cell: Cell, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    t = TASKS[cell.task]
+    t = dict(TASKS[cell.task])
+    t.update({k: v for k, v in (("steps", cell.steps), ("lr", cell.lr)) if v})
     overrides = [f"data.{k}={v}" for k, v in t["data"].items()] + [f"train.batch_size={t['batch']}"]
     recipe = load_recipe(t["recipe"], overrides)
     name = embedded.resolve_model(recipe.model.name)
@@ -320,11 +416,11 @@ def run_cell(cell: Cell, threads: int) -> dict:
     paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
 
     rss_before = _rss_reset_peak()
-    method = (PeftMethod if cell.base_method in ("lora", "adalora") else ElaLoRAMethod)(cell, model, spec, paths, t)
+    method = (PeftMethod if cell.base_method in ("lora", "adalora") else ElaLoRAMethod)(cell, model, spec, paths, t, name)
     stream = BatchStream(train, t["batch"], pad_id, cell.seed)
-    losses, step_times, lrs = [], [], []
+    losses, step_times, lrs, probes = [], [], [], []
     started = time.perf_counter()
-    for _ in range(t["steps"]):
+    for step in range(1, t["steps"] + 1):
         batch = next(stream)
         t0 = time.perf_counter()
         losses.append(method.step(batch))
@@ -332,6 +428,8 @@ def run_cell(cell: Cell, threads: int) -> dict:
         lrs.append(method.lr())
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"{cell.key}: loss {losses[-1]} at step {len(losses)}")
+        if cell.probe and (step % cell.probe == 0 or step == 1):
+            probes.append({"step": step, "loss": statistics.fmean(losses[-cell.probe:]), "layers": method.factors()})
     train_seconds = time.perf_counter() - started
     peak_train = _status_kib("VmHWM") * 1024 - rss_before
 
@@ -348,6 +446,7 @@ def run_cell(cell: Cell, threads: int) -> dict:
         "metric": metric(),
         "steps": t["steps"],
         "final_loss": statistics.fmean(losses[-20:]),
+        "loss_curve": [statistics.fmean(losses[i:i + 25]) for i in range(0, len(losses), 25)],
         "lr_at": {str(s): lrs[s - 1] for s in (1, t["steps"] // 4, t["steps"] // 2, t["steps"])},
         "ranks": method.ranks(),
         "rounds": method.rounds(),
@@ -359,7 +458,13 @@ def run_cell(cell: Cell, threads: int) -> dict:
         "peak_train_rss_bytes": peak_train,
         "threads": threads,
     }
-    if cell.base_method == "elalora":
+    if isinstance(method, ElaLoRAMethod):
+        result["config"] = method.config
+    if isinstance(method, PeftMethod):
+        result["lora_rank"] = method.rank
+    if probes:
+        result["probes"] = probes
+    if cell.base_method == "elalora" and cell.split == "test" and not cell.probe:
         groups = _drop_groups(method, cell.seed)
         ranks = result["ranks"]
         result["drop"] = {
@@ -378,9 +483,9 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_suite(out: Path, jobs: int, only: str | None) -> None:
+def run_suite(name: str, out: Path, jobs: int, only: str | None) -> None:
     done = {r["key"] for r in read_results(out) if "error" not in r}
-    todo = [c for c in suite() if c.key not in done and (only is None or c.task == only)]
+    todo = [c for c in suite(name) if c.key not in done and (only is None or c.task == only)]
     threads = max(1, (os.cpu_count() or 2) // jobs)
     print(f"{len(todo)} cells to run ({len(done)} already in {out}), {jobs} at a time, {threads} thread(s) each", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -410,21 +515,24 @@ def run_suite(out: Path, jobs: int, only: str | None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=RESULTS / "quality.jsonl")
+    parser.add_argument("--suite", default="original", help="original | sweep | confirm | ... (bench/variants.py SUITES)")
+    parser.add_argument("--out", type=Path, help="results file (default: bench/results/<suite>.jsonl; quality.jsonl for original)")
     parser.add_argument("--jobs", type=int, default=2, help="cells run at once (each gets cpu_count/jobs threads)")
     parser.add_argument("--only", choices=sorted(TASKS), help="run only this task's cells")
     parser.add_argument("--report", action="store_true", help="write tables and pictures from the results")
     parser.add_argument("--cell", help="run one cell (JSON) and print its result")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.out is None:
+        args.out = RESULTS / ("quality.jsonl" if args.suite == "original" else f"{args.suite}.jsonl")
     if args.cell:
         print(json.dumps(run_cell(Cell(**json.loads(args.cell)), args.threads)))
     elif args.report:
-        from quality_report import write_report
+        from quality_report import write_method_report, write_report
 
-        write_report(read_results(args.out), args.out.parent)
+        write_report(read_results(args.out), args.out.parent) if args.suite == "original" else write_method_report(args.suite)
     else:
-        run_suite(args.out, args.jobs, args.only)
+        run_suite(args.suite, args.out, args.jobs, args.only)
 
 
 if __name__ == "__main__":

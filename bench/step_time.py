@@ -91,7 +91,7 @@ def elalora_runner(path: str, rank: int, lr: float, steps: int):
 
     def step(batch):
         loss = model(**batch).loss
-        loss = loss + orthogonality_regulariser(layers, state.gamma)
+        loss = loss + orthogonality_regulariser(layers, state.cfg.gamma, state.cfg.regulariser)
         loss.backward()
         state.optimizer.step()
         t0 = time.perf_counter()
