@@ -19,6 +19,16 @@ VARIANTS: dict[str, dict] = {
     "ortho": {**REF, "init": "orthonormal", "gamma": 0.0},
     "lora-start": {**REF, "init": "lora", "gamma": 0.0},
     "residual": {**REF, "init": "residual", "gamma": 0.0},
+    # stage 1 of the sweep: learning-rate multipliers, regulariser forms, scaling
+    "ortho-e16": {**REF, "init": "orthonormal", "gamma": 0.0, "lr_mult_E": 16.0},
+    "ortho-e64": {**REF, "init": "orthonormal", "gamma": 0.0, "lr_mult_E": 64.0},
+    "ortho-e16-sq": {**REF, "init": "orthonormal", "gamma": 0.1, "regulariser": "squared", "lr_mult_E": 16.0},
+    "lora-start-b4": {**REF, "init": "lora", "gamma": 0.0, "lr_mult_B": 4.0},
+    "lora-start-b16": {**REF, "init": "lora", "gamma": 0.0, "lr_mult_B": 16.0},
+    "lora-start-e16": {**REF, "init": "lora", "gamma": 0.0, "lr_mult_E": 16.0},
+    "lora-start-sqrt": {**REF, "init": "lora", "gamma": 0.0, "scaling": "sqrt-rank"},
+    "lora-start-rn": {**REF, "init": "lora", "gamma": 0.1, "regulariser": "rank-normalised", "gamma_decay": "linear"},
+    "residual-e16": {**REF, "init": "residual", "gamma": 0.0, "lr_mult_E": 16.0},
 }
 
 
@@ -34,4 +44,12 @@ def diagnose():
     return _cells("minilm", methods, [2], [0], split="val", probe=10)
 
 
-SUITES = {"diagnose": diagnose}
+def sweep1():
+    """Stage 1: one seed, both ranks, validation split; PEFT LoRA at three learning rates beside it."""
+    variants = ["reference", "g0", "ortho", "ortho-e16", "ortho-e64", "ortho-e16-sq", "lora-start", "lora-start-b4",
+                "lora-start-b16", "lora-start-e16", "lora-start-sqrt", "lora-start-rn", "residual", "residual-e16"]
+    cells = _cells("minilm", [("lora", "")] + [("elalora", v) for v in variants], [2, 8], [0], split="val")
+    return cells + [c for lr in (2e-3, 4e-3) for c in _cells("minilm", [("lora", "")], [2, 8], [0], split="val", lr=lr)]
+
+
+SUITES = {"diagnose": diagnose, "sweep1": sweep1}

@@ -2,7 +2,9 @@
 
 import json
 
+import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from qelalora.adapter_io import load_adapter
@@ -15,8 +17,20 @@ RUN_FILES = {
 }
 
 
-def test_train_bert_end_to_end(tmp_path, tiny_bert_dir, capsys):
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"))
+# Method settings every start, scaling, score layout and regulariser form go through end to end.
+METHOD_SETTINGS = {
+    "shipped-default": {},
+    "reference": {"preset": "reference"},
+    "lora-start": {"init": "lora", "gamma": 0.0, "lr_mult_B": 4.0},
+    "residual": {"init": "residual", "scaling": "sqrt-rank", "score_state": "triplet", "lr_mult_E": 4.0},
+    "orthonormal": {"init": "orthonormal", "score_state": "element-bf16", "regulariser": "squared", "gamma_decay": "linear"},
+}
+
+
+@pytest.mark.parametrize("settings", METHOD_SETTINGS, ids=list(METHOD_SETTINGS))
+def test_train_bert_end_to_end(settings, tmp_path, tiny_bert_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"),
+                          elalora={"budget_mb": 0.3, "t_init": 5, "t_final": 8, "delta": 3, "b0": 3, **METHOD_SETTINGS[settings]})
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train", "-r", str(recipe), "-o", str(run), "--no-progress")
     assert code == 0, err
@@ -53,6 +67,11 @@ def test_train_bert_end_to_end(tmp_path, tiny_bert_dir, capsys):
     with torch.no_grad():
         ours, theirs = base(input_ids=ids).logits, peft_model(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    trained = yaml.safe_load((run / "recipe.yaml").read_text())["elalora"]
+    assert config["start"] == trained["init"]
+    scale = (lambda r0: 16.0 / r0) if trained["scaling"] == "rank" else (lambda r0: 16.0 / r0**0.5)
+    assert all(meta["scaling"] == pytest.approx(scale(meta["r0"])) for meta in config["layers"].values())
     saved = load_file(run / "adapter" / "adapter.safetensors")
     assert any(k.startswith("head/classifier") for k in saved)
 

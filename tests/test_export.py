@@ -38,8 +38,20 @@ def llama_run(tmp_path_factory, tiny_llama_dir):
     return _train(tmp_path_factory, "llama", tiny_llama_dir, True)
 
 
+@pytest.fixture(scope="module")
+def bert_residual_run(tmp_path_factory, tiny_bert_dir):
+    """A run with a non-default start: the residual start (a non-zero branch at step 0), rsLoRA scaling."""
+    return _train(tmp_path_factory, "bert-residual", tiny_bert_dir, False, init="residual", scaling="sqrt-rank",
+                  score_state="triplet")
+
+
+@pytest.fixture(scope="module")
+def llama_lora_start_run(tmp_path_factory, tiny_llama_dir):
+    return _train(tmp_path_factory, "llama-lora-start", tiny_llama_dir, True, init="lora", gamma=0.0, lr_mult_B=4.0)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("arch", ["bert", "llama"])
+@pytest.mark.parametrize("arch", ["bert", "llama", "bert_residual", "llama_lora_start"])
 def test_every_format_exports_and_passes_parity(fmt, arch, request, tmp_path):
     run = request.getfixturevalue(f"{arch}_run")
     info = export_run(run, tmp_path / "out", fmt, log=lambda *a: None)

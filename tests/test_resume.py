@@ -15,14 +15,14 @@ from tests.cli_helpers import cli_process, write_cls_data, write_recipe
 STEPS = 60
 
 
-def _recipe(tmp_path, tiny_bert_dir):
+def _recipe(tmp_path, tiny_bert_dir, **method):
     return str(
         write_recipe(
             tmp_path / "r.yaml",
             tiny_bert_dir,
             write_cls_data(tmp_path / "d.jsonl"),
             train={"steps": STEPS, "checkpoint_every": 4, "log_every": 1},
-            elalora={"budget_mb": 0.3, "t_init": 5, "t_final": 10, "delta": 3, "b0": 3},
+            elalora={"budget_mb": 0.3, "t_init": 5, "t_final": 10, "delta": 3, "b0": 3, **method},
         )
     )
 
@@ -50,8 +50,15 @@ def _same_adapters(a, b):
         assert torch.equal(ta[key], tb[key]), key
 
 
-def test_sigkill_then_resume_is_bit_for_bit(tmp_path, tiny_bert_dir):
-    recipe = _recipe(tmp_path, tiny_bert_dir)
+# the shipped defaults, and a run with every other start-up option (residual start, rsLoRA scaling, per-triplet
+# scores, E and B learning-rate multipliers, a decaying squared regulariser)
+OTHER_SETTINGS = {"init": "residual", "scaling": "sqrt-rank", "score_state": "triplet", "lr_mult_E": 8.0, "lr_mult_B": 2.0,
+                  "regulariser": "squared", "gamma_decay": "linear", "gamma": 0.05}
+
+
+@pytest.mark.parametrize("method", [{}, OTHER_SETTINGS], ids=["shipped-default", "other-settings"])
+def test_sigkill_then_resume_is_bit_for_bit(method, tmp_path, tiny_bert_dir):
+    recipe = _recipe(tmp_path, tiny_bert_dir, **method)
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     reference = cli_process("train", "-r", recipe, "-o", str(ref), "--no-progress")
     code, out = _finish(reference)
