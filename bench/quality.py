@@ -166,7 +166,7 @@ def elalora_config(cell: Cell, t: dict):
     """qelalora's settings for a cell: its defaults, then the variant's changes, then the task's schedule."""
     from dataclasses import replace
 
-    from qelalora.config import PRESETS, ElaLoRAConfig
+    from qelalora.config import PRESETS, ElaLoRAConfig, steps_of
     from variants import VARIANTS
 
     options = dict(VARIANTS[cell.variant]) if cell.variant else {}
@@ -175,10 +175,12 @@ def elalora_config(cell: Cell, t: dict):
     if cell.gamma is not None:
         options["gamma"] = cell.gamma
     _, t_init, t_final, delta = _schedule_steps(t)
-    b0 = 0 if cell.base_method == "fixed" else options.pop("b0", t["b0"])
-    options.pop("b0", None)
-    return replace(ElaLoRAConfig(), budget_mb=1e6, rank=cell.rank, max_init_rank=cell.rank, b0=b0, t_init=t_init,
-                   t_final=t_final, delta=delta, **options)
+    settings = {"t_init": t_init, "t_final": t_final, "delta": delta, "b0": t["b0"], **options}  # a variant may change the schedule
+    if cell.base_method == "fixed":
+        settings["b0"] = 0
+    for key in ("t_init", "t_final", "delta"):
+        settings[key] = steps_of(settings[key], t["steps"])
+    return replace(ElaLoRAConfig(), budget_mb=1e6, rank=cell.rank, max_init_rank=cell.rank, **settings)
 
 
 class ElaLoRAMethod:

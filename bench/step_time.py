@@ -91,7 +91,9 @@ def elalora_runner(path: str, rank: int, lr: float, steps: int):
 
     def step(batch):
         loss = model(**batch).loss
-        loss = loss + orthogonality_regulariser(layers, state.cfg.gamma, state.cfg.regulariser)
+        reg = orthogonality_regulariser(layers, state.cfg.gamma, state.cfg.regulariser)
+        if reg is not None:  # the shipped default may have it off
+            loss = loss + reg
         loss.backward()
         state.optimizer.step()
         t0 = time.perf_counter()

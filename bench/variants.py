@@ -29,6 +29,11 @@ VARIANTS: dict[str, dict] = {
     "lora-start-sqrt": {**REF, "init": "lora", "gamma": 0.0, "scaling": "sqrt-rank"},
     "lora-start-rn": {**REF, "init": "lora", "gamma": 0.1, "regulariser": "rank-normalised", "gamma_decay": "linear"},
     "residual-e16": {**REF, "init": "residual", "gamma": 0.0, "lr_mult_E": 16.0},
+    # stage 2: the LoRA-style start with the decaying rank-normalised regulariser, around its neighbours
+    "lora-start-rn-b2": {**REF, "init": "lora", "gamma": 0.1, "regulariser": "rank-normalised", "gamma_decay": "linear",
+                         "lr_mult_B": 2.0},
+    "lora-start-rn-slow": {**REF, "init": "lora", "gamma": 0.1, "regulariser": "rank-normalised", "gamma_decay": "linear",
+                           "delta": 25, "b0": 2},
 }
 
 
@@ -52,4 +57,16 @@ def sweep1():
     return cells + [c for lr in (2e-3, 4e-3) for c in _cells("minilm", [("lora", "")], [2, 8], [0], split="val", lr=lr)]
 
 
-SUITES = {"diagnose": diagnose, "sweep1": sweep1}
+def sweep2():
+    """Stage 2: three seeds for the leaders of stage 1 and their neighbours, with rank rounds off beside them."""
+    cells = _cells("minilm", [("lora", ""), ("elalora", "lora-start-rn")], [2, 8], [1, 2], split="val")
+    cells += _cells("minilm", [("fixed", "lora-start-rn"), ("elalora", "lora-start-rn-b2"), ("elalora", "lora-start-rn-slow")],
+                    [2, 8], [0, 1, 2], split="val")
+    return cells
+
+
+def sweep():
+    return sweep1() + sweep2()
+
+
+SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep}

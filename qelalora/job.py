@@ -28,6 +28,7 @@ from .errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, Use
 from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
 from .models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
+from .run_lock import LOCK_NAME, RunLock
 from .training import TrainState, plan_ranks, prepare_training, target_shapes, train_step
 
 
@@ -157,15 +158,22 @@ class _StopFlag:
         signal.signal(signal.SIGINT, self._old)
 
 
+def _check_resumable(run_dir: Path) -> None:
+    if not (run_dir / "recipe.yaml").is_file():
+        raise RunDirError(f"{run_dir} is not a qelalora run directory (no recipe.yaml); cannot resume")
+
+
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check (resume) or empty (new run) a run folder that this process holds the lock of."""
     if resume:
-        if not (run_dir / "recipe.yaml").is_file():
-            raise RunDirError(f"{run_dir} is not a qelalora run directory (no recipe.yaml); cannot resume")
+        _check_resumable(run_dir)
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK_NAME] if run_dir.exists() else []
+    if entries:
         if not overwrite:
             raise RunDirError(f"{run_dir} already exists and is not empty; pass --overwrite to replace it, or choose another --run-dir")
-        shutil.rmtree(run_dir)
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -257,7 +265,14 @@ def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseli
 
 
 def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
-    """Train (or continue) a run; returns the final summary."""
+    """Train (or continue) a run; returns the final summary. Only one process at a time trains into a folder."""
+    if resume:
+        _check_resumable(run_dir)  # before the lock, which would create a missing folder
+    with RunLock(run_dir):
+        return _train_locked(recipe, run_dir, resume, overwrite, progress, log)
+
+
+def _train_locked(recipe: Recipe | None, run_dir: Path, resume: bool, overwrite: bool, progress: bool, log) -> dict:
     prepare_run_dir(run_dir, resume, overwrite)
     if resume:
         recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))

@@ -201,3 +201,36 @@ def test_run_outputs_stay_inside_the_run_dir(capsys, tmp_path, bert_recipe):
     assert run_cli(capsys, "train", "-r", bert_recipe, "-o", str(run), "--no-progress")[0] == 0
     created = {p for p in tmp_path.rglob("*")} - before
     assert all(p == run.parent or run in p.parents or p == run for p in created), [p for p in created if run not in p.parents]
+
+
+def test_one_writer_per_run_folder(capsys, tmp_path, tiny_bert_dir):
+    """A second train or --resume on a folder in use stops with a clear error; the lock dies with its holder."""
+    import signal
+    import time
+
+    from tests.cli_helpers import cli_process
+
+    recipe = str(write_recipe(tmp_path / "long.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"),
+                              train={"steps": 100000, "checkpoint_every": 5, "log_every": 1},
+                              elalora={"budget_mb": 0.3, "t_init": 2, "t_final": 3, "delta": 2, "b0": 2}))
+    run = tmp_path / "run"
+    first = cli_process("train", "-r", recipe, "-o", str(run), "--no-progress")
+    deadline = time.time() + 120
+    while not list(run.glob("checkpoints/step-*")):  # training is under way
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    try:
+        for args in (("-r", recipe, "-o", str(run), "--overwrite"), ("--resume", str(run))):
+            code, out, err = run_cli(capsys, "train", *args, "--no-progress")
+            assert code == 2, (args, out, err)
+            assert "is in use by another qelalora process (pid" in err and "Traceback" not in err
+        assert first.poll() is None, "the first run must not have been disturbed"
+        assert (run / "recipe.yaml").is_file()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    code, out, err = run_cli(capsys, "train", "-r", recipe, "-o", str(run), "--overwrite", "--no-progress",
+                             "--set", "train.steps=6")
+    assert code == 0, err  # the killed holder's lock is gone with it
+    assert not (run / ".qelalora.lock").exists()
