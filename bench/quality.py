@@ -146,7 +146,7 @@ def _load_data(cell: Cell, recipe, tokenizer, spec):
     if not cache.exists():
         data = load_task_data(recipe.data, spec.task, tokenizer)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # two cells may build it at once
         blocks = lambda examples: np.array([e["input_ids"] for e in examples], dtype=np.int64)  # noqa: E731
         np.savez(tmp, train=blocks(data.train), val=blocks(data.val), test=blocks(data.test), pad=np.array(data.pad_id))
         tmp.replace(cache)
@@ -403,6 +403,8 @@ def run_cell(cell: Cell, threads: int) -> dict:
     torch.set_num_threads(threads)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     t = dict(TASKS[cell.task])
+    if cell.steps:  # a longer or shorter run keeps the number of rank rounds: the interval scales with it
+        t["delta"] = max(1, round(t["delta"] * cell.steps / t["steps"]))
     t.update({k: v for k, v in (("steps", cell.steps), ("lr", cell.lr)) if v})
     overrides = [f"data.{k}={v}" for k, v in t["data"].items()] + [f"train.batch_size={t['batch']}"]
     recipe = load_recipe(t["recipe"], overrides)

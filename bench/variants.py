@@ -34,6 +34,8 @@ VARIANTS: dict[str, dict] = {
                          "lr_mult_B": 2.0},
     "lora-start-rn-slow": {**REF, "init": "lora", "gamma": 0.1, "regulariser": "rank-normalised", "gamma_decay": "linear",
                            "delta": 25, "b0": 2},
+    "lora-start-rn-triplet": {**REF, "init": "lora", "gamma": 0.1, "regulariser": "rank-normalised",
+                              "gamma_decay": "linear", "score_state": "triplet"},
 }
 
 
@@ -62,11 +64,30 @@ def sweep2():
     cells = _cells("minilm", [("lora", ""), ("elalora", "lora-start-rn")], [2, 8], [1, 2], split="val")
     cells += _cells("minilm", [("fixed", "lora-start-rn"), ("elalora", "lora-start-rn-b2"), ("elalora", "lora-start-rn-slow")],
                     [2, 8], [0, 1, 2], split="val")
-    return cells
+    return cells + _cells("minilm", [("elalora", "lora-start-rn-triplet")], [2, 8], [0, 1, 2], split="val")
+
+
+def sweep_smollm2():
+    """The causal LM on its validation blocks (80 steps, one seed): the MiniLM leaders and the residual start."""
+    variants = ["reference", "lora-start-rn", "lora-start-rn-triplet", "lora-start", "residual-e16"]
+    return _cells("smollm2", [("lora", "")] + [("elalora", v) for v in variants], [4], [0], split="val")
+
+
+def confirm():
+    """The shipped defaults (variant "") on the test split, beside PEFT LoRA at equal bytes, the fixed-rank
+    and the paper's configurations."""
+    minilm = [("elalora", ""), ("lora", "eqbytes"), ("fixed", ""), ("elalora", "reference")]
+    return _cells("minilm", minilm, [2, 8], [0, 1, 2]) + _cells("smollm2", minilm, [4], [0, 1])
+
+
+def confirm_long():
+    """The defaults against PEFT LoRA at a longer horizon (about 3 epochs on MiniLM, like the paper's)."""
+    pair = [("elalora", ""), ("lora", "eqbytes")]
+    return _cells("minilm", pair, [8, 2], [0, 1], steps=2000) + _cells("smollm2", pair, [4], [0, 1], steps=300)
 
 
 def sweep():
-    return sweep1() + sweep2()
+    return sweep1() + sweep2() + sweep_smollm2()
 
 
-SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep}
+SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep, "confirm": confirm, "confirm_long": confirm_long}
