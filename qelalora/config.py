@@ -35,6 +35,9 @@ SCORE_STATES = ("element", "element-bf16", "triplet")  # see qelalora.importance
 
 @dataclass
 class ElaLoRAConfig:
+    """The method's settings. The start, regulariser and score-state defaults were chosen on validation data
+    against PEFT LoRA at equal adapter-state bytes (BENCHMARKS.md); `preset="reference"` gives the paper's."""
+
     budget_mb: float = 512.0  # hard cap on adapter training state, MiB
     rank: int | str = "auto"  # initial rank of every layer: "auto" = the largest that fits the budget
     max_init_rank: int = 64
@@ -43,7 +46,7 @@ class ElaLoRAConfig:
     alpha: float = 16.0  # s = alpha / r0 (or alpha / sqrt(r0), see scaling)
     scaling: str = "rank"  # rank: s = alpha / r0; sqrt-rank: s = alpha / sqrt(r0) (rsLoRA)
     dropout: float = 0.0
-    init: str = "gaussian"  # gaussian | orthonormal | lora | residual (see qelalora.starts)
+    init: str = "lora"  # lora (B = 0, E = 1) | gaussian (the paper's) | orthonormal | residual (qelalora.starts)
     init_std: float = 0.02  # the gaussian start's standard deviation
     k: int = 2  # candidates per layer per round, and the most a layer can gain in one round
     b0: int = 4  # triplets pruned per round at the start of the adjustment phase
@@ -53,11 +56,11 @@ class ElaLoRAConfig:
     beta1: float = 0.85
     beta2: float = 0.85
     gamma: float = 0.1  # orthogonality regulariser weight
-    regulariser: str = "plain"  # plain | squared | rank-normalised
-    gamma_decay: str = "none"  # none | linear (to 0 at the last step)
+    regulariser: str = "rank-normalised"  # squared Frobenius / r | squared | plain (the paper's)
+    gamma_decay: str = "linear"  # linear (to 0 at the last step) | none
     lr_mult_E: float = 1.0  # E's learning rate = train.lr x this
     lr_mult_B: float = 1.0  # B's learning rate = train.lr x this
-    score_state: str = "element"  # element (fp32 EMAs per element) | element-bf16 | triplet
+    score_state: str = "triplet"  # triplet (one EMA pair per triplet) | element (fp32 per element) | element-bf16
     optimizer: str = "adamw"  # or "adamw8bit" (bitsandbytes)
 
     @property

@@ -85,8 +85,8 @@ def test_existing_run_dir_is_not_overwritten(capsys, tmp_path, bert_recipe):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(capsys, tmp_path, bert_recipe):
     run = tmp_path / "run"
-    # a huge alpha makes the adapter branch overflow once E leaves zero
-    recipe = bert_recipe(elalora={"alpha": 1e37, "budget_mb": 0.3, "t_init": 5, "t_final": 8, "delta": 3})
+    # a huge alpha makes the adapter branch overflow once E leaves zero (the paper's start: E = 0)
+    recipe = bert_recipe(elalora={"preset": "reference", "alpha": 1e37, "budget_mb": 0.3, "t_init": 5, "t_final": 8, "delta": 3})
     err = _fails(capsys, ["train", "-r", recipe, "-o", str(run), "--no-progress", "--set", "train.checkpoint_every=1"], 3, "the loss became nan")
     step = int(err.split("at step ")[1].split(";")[0])
     assert step >= 2

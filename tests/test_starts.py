@@ -177,7 +177,7 @@ def test_regulariser_forms():
     torch.testing.assert_close(layer.orthogonality_penalty("rank-normalised"), squared / 3)
     cfg = ElaLoRAConfig(gamma=0.2, gamma_decay="linear")
     assert [cfg.gamma_at(s, 100) for s in (0, 50, 100)] == [0.2, 0.1, 0.0]
-    assert ElaLoRAConfig(gamma=0.2).gamma_at(99, 100) == 0.2
+    assert ElaLoRAConfig(gamma=0.2, gamma_decay="none").gamma_at(99, 100) == 0.2
 
 
 def test_learning_rate_multipliers_per_tensor_kind(tiny_bert_dir):
