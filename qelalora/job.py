@@ -268,8 +268,14 @@ def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwr
     """Train (or continue) a run; returns the final summary. Only one process at a time trains into a folder."""
     if resume:
         _check_resumable(run_dir)  # before the lock, which would create a missing folder
-    with RunLock(run_dir):
-        return _train_locked(recipe, run_dir, resume, overwrite, progress, log)
+    created = not run_dir.exists()
+    try:
+        with RunLock(run_dir):
+            return _train_locked(recipe, run_dir, resume, overwrite, progress, log)
+    except BaseException:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # a run that stopped before writing anything (bad data, say) leaves no empty folder
+        raise
 
 
 def _train_locked(recipe: Recipe | None, run_dir: Path, resume: bool, overwrite: bool, progress: bool, log) -> dict:

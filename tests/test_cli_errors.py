@@ -69,10 +69,12 @@ def test_bad_data_files(capsys, tmp_path, bert_recipe, content, needle):
     elif content is not None:
         data.write_text(content)
     _fails(capsys, ["train", "-r", bert_recipe(data), "-o", str(tmp_path / "run")], 2, needle)
+    assert not (tmp_path / "run").exists()  # a run that stopped before writing anything leaves no empty folder
 
 
-def test_sequence_length_over_model_limit(capsys, bert_recipe):
-    _fails(capsys, ["train", "-r", bert_recipe(), "--set", "data.max_length=100"], 2, "over the model's limit of 64")
+def test_sequence_length_over_model_limit(capsys, tmp_path, bert_recipe):
+    args = ["train", "-r", bert_recipe(), "--set", "data.max_length=100", "-o", str(tmp_path / "run")]
+    _fails(capsys, args, 2, "over the model's limit of 64")
 
 
 def test_existing_run_dir_is_not_overwritten(capsys, tmp_path, bert_recipe):
