@@ -129,8 +129,8 @@ def plan_round(
     round, already grown k times, at min(d_in, d_out), or whose next triplet
     would take the adapter state past `budget_bytes` (or the total rank past
     `max_total_rank`: the reference code's rank-count budget, kept for
-    comparison) passes the slot on. So a round that prunes n triplets grows n,
-    unless no layer can take one more; total rank does not drain away.
+    comparison) passes the slot on. A slot that no layer can take is given back:
+    its triplet is not pruned after all. So total rank does not drain away.
     """
     shapes = [v.shape for v in layers]
     ranks = [v.rank for v in layers]
@@ -170,5 +170,22 @@ def plan_round(
             granted += 1
         if not granted:
             break
+    # A slot no layer could take goes back to the triplet it came from, strongest pruned first: a round never
+    # lowers total rank just because the pruned layers were the only ones able to grow.
+    for cand in reversed([c for c in ascending if c.prunable][:b]):
+        if slots == 0:
+            break
+        shape = shapes[cand.layer]
+        extra = layer_bytes(shape.d_in, shape.d_out, new_ranks[cand.layer] + 1, opt) - layer_bytes(
+            shape.d_in, shape.d_out, new_ranks[cand.layer], opt
+        )
+        if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
+            continue
+        used += extra
+        new_ranks[cand.layer] += 1
+        plan.prune[cand.layer].remove(cand.triplet)
+        if not plan.prune[cand.layer]:
+            del plan.prune[cand.layer]
+        slots -= 1
     plan.bytes_after = used
     return plan

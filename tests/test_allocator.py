@@ -95,7 +95,8 @@ def test_byte_budget_blocks_wide_growth_that_a_rank_count_budget_allows():
     scores = [[7.0, 8.0], [0.1, 0.2], [0.3, 0.4]]
     budget = adapter_bytes([LayerShape("x", *w) for w in widths], [2, 2, 2], ADAMW, 0)
     by_bytes = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=budget, opt=ADAMW, fixed_bytes=0)
-    assert by_bytes.prune == {1: [0], 2: [0]} and by_bytes.grow == {}  # two narrow triplets cannot pay for a wide one
+    # two narrow triplets cannot pay for a wide one, and nobody else can grow: the slots go back, nothing changes
+    assert by_bytes.prune == {} and by_bytes.grow == {} and by_bytes.bytes_after == by_bytes.bytes_before
     by_rank = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0, max_total_rank=6)
     assert by_rank.new_ranks([2, 2, 2]) == [4, 1, 1]
 
@@ -170,3 +171,12 @@ def test_every_process_makes_the_same_plans():
         for h in (1, 2, 3)
     }
     assert len(outputs) == 1 and outputs.pop().strip() == _plans_json(7)
+
+
+@pytest.mark.parametrize("ranks", [[3, 3, 0], [4], [2, 2]])
+def test_freed_slots_that_no_layer_can_take_go_back(ranks):
+    """When every layer able to grow was pruned in the round (few layers, large b), the round keeps total rank."""
+    scores = [[0.1 * (i + 1) + t for t in range(r)] for i, r in enumerate(ranks)]
+    plan = plan_round(views(ranks, scores, [(16, 16)] * len(ranks)), b=4, k=2, r_min=0, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    assert sum(plan.new_ranks(ranks)) == sum(ranks)
+    assert plan.bytes_after == plan.bytes_before
