@@ -55,13 +55,20 @@ def orthogonal_unit_rows(existing: torch.Tensor, n: int, generator: torch.Genera
     return torch.stack(rows).float()
 
 
+def _drawn(like: torch.Tensor, generator: torch.Generator | None, draw) -> torch.Tensor:
+    """Random values for `like`, drawn on the generator's device (the seeded generator is a CPU one, while the
+    layer may live on CUDA, and torch refuses a CPU generator for a CUDA tensor)."""
+    device = generator.device if generator is not None else like.device
+    return draw(torch.empty(like.shape, dtype=torch.float32, device=device))
+
+
 @torch.no_grad()
 def initialise(layer, start: str, generator: torch.Generator | None, init_std: float = 0.02) -> None:
     """Set a freshly built layer's A, E, B for `start` (`residual` starts orthonormal until `apply_residual`)."""
     a, e, b = layer.lora_A, layer.lora_E, layer.lora_B
     if start == "gaussian":
-        a.normal_(0.0, init_std, generator=generator)
-        b.normal_(0.0, init_std, generator=generator)
+        a.copy_(_drawn(a, generator, lambda t: t.normal_(0.0, init_std, generator=generator)))
+        b.copy_(_drawn(b, generator, lambda t: t.normal_(0.0, init_std, generator=generator)))
         e.zero_()
     elif start in ("orthonormal", "residual"):
         g = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -71,7 +78,7 @@ def initialise(layer, start: str, generator: torch.Generator | None, init_std: f
         e.zero_()
     elif start == "lora":
         bound = 1 / math.sqrt(a.shape[1])
-        a.uniform_(-bound, bound, generator=generator)
+        a.copy_(_drawn(a, generator, lambda t: t.uniform_(-bound, bound, generator=generator)))
         b.zero_()
         e.fill_(1.0)
     else:
