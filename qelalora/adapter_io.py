@@ -66,6 +66,7 @@ def save_adapter(
             "num_labels": num_labels,
             "alpha": next(iter(layers.values())).alpha if layers else None,
             "start": next(iter(layers.values())).start if layers else None,
+            "score_state": next(iter(layers.values())).score_state if layers else None,
             "layers": layer_meta,
             "heads": sorted(heads),
         },
@@ -119,7 +120,8 @@ def load_adapter(model: nn.Module, adapter_dir: Path) -> dict[str, ElaLoRALinear
         raise RunDirError(f"{adapter_dir} holds an adapter of unknown format {config.get('format')!r}")
     layers = {}
     for path, meta in config["layers"].items():
-        layers.update(wrap_linears(model, [path], meta["r0"], config["alpha"]))
+        score_state = config.get("score_state") or "element"  # so that training can go on from a loaded adapter
+        layers.update(wrap_linears(model, [path], meta["r0"], config["alpha"], score_state=score_state))
         layer = layers[path]
         layer.scaling = float(meta["scaling"])  # as trained (alpha / r0 or alpha / sqrt(r0))
         layer.start = config.get("start") or "gaussian"
