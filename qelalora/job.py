@@ -331,7 +331,7 @@ def _train_locked(recipe: Recipe | None, run_dir: Path, resume: bool, overwrite:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rank=rank, mb=f"{mib(used):.1f}/{budget_mb:.0f}")
             if t.log_every and state.step % t.log_every == 0:
                 _append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "total_rank": rank, "adapter_bytes": used})
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps:
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps and run.data.val:
                 val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device, t.eval_batches)
                 _append_metrics(metrics_path, {"step": state.step, "val": val})
             if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.steps:
@@ -341,12 +341,13 @@ def _train_locked(recipe: Recipe | None, run_dir: Path, resume: bool, overwrite:
                 bar.close()
                 raise Interrupted(f"interrupted at step {state.step}; a checkpoint was saved. Continue with: qelalora train --resume {run_dir}")
     bar.close()
-    val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
-    test = evaluate(run.model, run.data.test, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
-    _append_metrics(metrics_path, {"step": state.step, "val": val, "test": test})
-    summary = _save_outputs(run, run_dir, started, {"val": val, "test": test}, baseline_rss)
+    held_out = {name: evaluate(run.model, part, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
+                for name, part in (("val", run.data.val), ("test", run.data.test)) if part}  # a split may be empty
+    _append_metrics(metrics_path, {"step": state.step, **held_out})
+    summary = _save_outputs(run, run_dir, started, held_out, baseline_rss)
+    scores = "; ".join(f"{name} {value}" for name, value in held_out.items()) or "no held-out split to evaluate"
     log(
-        f"done: {run_dir} ({summary['seconds']:.0f} s); val {val}; test {test}\n"
+        f"done: {run_dir} ({summary['seconds']:.0f} s); {scores}\n"
         f"memory: predicted {fmt_mib(run.plan.footprint.total_bytes)}, measured {fmt_mib(summary['measured_training_bytes'])} "
         f"({'CUDA max allocated' if run.device.startswith('cuda') else 'peak RSS above the RSS before loading'})"
     )

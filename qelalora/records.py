@@ -153,6 +153,8 @@ def _as_label(value, num_labels: int, where: str) -> int:
 
 
 def classification_examples(records: list[dict], section: DataSection, tokenizer, num_labels: int) -> list[dict]:
+    if not records:  # an empty held-out split (data.test_size: 0): tokenizers reject an empty batch
+        return []
     texts, labels = [], []
     for i, r in enumerate(records, 1):
         where = f"{section.source}, example {i}"

@@ -57,9 +57,12 @@ def test_train_bert_end_to_end(settings, tmp_path, tiny_bert_dir, capsys):
     base, _ = load_base_model(tiny_bert_dir, num_labels=2)
     layers = load_adapter(base, run / "adapter")
     assert {n: l.rank for n, l in layers.items()} == history["final"]
-    for layer in layers.values():  # loaded layers are consistent: score buffers sized like their tensors
+    score_state = yaml.safe_load((run / "recipe.yaml").read_text())["elalora"]["score_state"]
+    for layer in layers.values():  # loaded layers keep the score layout, buffers sized for their rank
+        assert layer.score_state == score_state
         for t in ("lora_A", "lora_E", "lora_B"):
-            assert all(buf.shape == getattr(layer, t).shape for buf in layer.score_buffers(t))
+            shape = (layer.rank,) if score_state == "triplet" else getattr(layer, t).shape
+            assert all(buf.shape == shape for buf in layer.score_buffers(t))
     peft_base, _ = load_base_model(tiny_bert_dir, num_labels=2)
     peft_model = PeftModel.from_pretrained(peft_base, run / "peft")
     ids = torch.randint(4, 128, (3, 10))
@@ -128,3 +131,18 @@ def test_plan_for_llama_8b_shapes_needs_no_weights(tmp_path, capsys):
     assert 0.93 < plan["budget_used"] <= 1.0  # rank 12 = 480 MiB; rank 13 would need 520 MiB
     # NF4 linears (7.0B params x ~0.53 B) + fp32 embeddings and untied lm_head on CPU (2 x 2.1 GB)
     assert 7.0e9 < plan["footprint"]["base_bytes"] < 8.5e9
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_train_without_held_out_splits(causal, tmp_path, tiny_bert_dir, tiny_llama_dir, capsys):
+    """data.test_size=0 and val_size=0 (the user keeps held-out data elsewhere): training runs, nothing is evaluated."""
+    data = write_lm_data(tmp_path / "d.jsonl") if causal else write_cls_data(tmp_path / "d.jsonl")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir if causal else tiny_bert_dir, data, causal=causal,
+                          train={"steps": 16, "eval_every": 4})
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train", "-r", str(recipe), "-o", str(run), "--no-progress",
+                             "--set", "data.val_size=0", "--set", "data.test_size=0")
+    assert code == 0, err
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 16 and report["metrics"] == {}
+    assert (run / "adapter" / "adapter.safetensors").is_file()
