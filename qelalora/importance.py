@@ -11,9 +11,14 @@ Where the EMAs live is the layer's `score_state`:
 - "element-bf16": the same, stored in bf16 (computed in fp32);
 - "triplet": per triplet and tensor, the EMAs of the row (A) or column (B)
   mean of I, so s(A_i) = Ibar(mean_j I_ij) * Ubar(...) replaces mean_j s(A_ij).
-  Exact for E; for A and B a mean of products becomes a product of means.
+  Exact for E. For A and B it is an approximation, not a reduction: Ibar of
+  the mean equals the mean of Ibar (an EMA is linear), but Ubar of the mean
+  is smaller than the mean of Ubar, because the elements' deviations partly
+  cancel (by about sqrt(d) when they are independent). So A's and B's terms
+  weigh less against E's than in the element layout, wide layers' the most.
   Two floats per triplet and tensor instead of two per element: the training
-  state of an adapter is then about LoRA's at equal rank.
+  state of an adapter is then about LoRA's at equal rank. How often a round
+  decides differently is measured by bench/score_state.py (BENCHMARKS.md).
 """
 
 from __future__ import annotations
