@@ -28,6 +28,7 @@ from .errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, Use
 from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
 from .models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
+from .hub import go_offline_if_unreachable
 from .run_lock import LOCK_NAME, RunLock
 from .training import TrainState, plan_ranks, prepare_training, target_shapes, train_step
 
@@ -83,11 +84,13 @@ def _load_config(recipe: Recipe):
     name = embedded.resolve_model(recipe.model.name)
     if recipe.model.trust_remote_code:
         print("note: trust_remote_code is on: the model's own Python code will run")
+    offline = go_offline_if_unreachable(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as err:
+        where = "offline (HF_HUB_OFFLINE, or the hub is unreachable) and not in the local cache: " if offline else ""
         raise UserError(
-            f"cannot load model {recipe.model.name!r}: {str(err).splitlines()[0][:300]} "
+            f"cannot load model {recipe.model.name!r}: {where}{str(err).splitlines()[0][:300]} "
             "(give a local Hugging Face folder, a hub id while online, or embedded:minilm-l6 / embedded:smollm2-135m)"
         ) from None
     return name, config

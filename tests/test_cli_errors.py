@@ -111,3 +111,22 @@ def test_unsupported_architecture(capsys, tmp_path):
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
     _fails(capsys, ["plan", "--model", str(tmp_path / "gpt2")], 2, "architecture 'gpt2' is not supported", "llama")
+
+
+def test_unreachable_hub_fails_fast_without_retries(capsys, monkeypatch):
+    import time
+
+    import huggingface_hub.constants
+    import transformers.utils.hub
+
+    from qelalora import hub
+
+    # restored after the test: the process-wide offline switches the command flips
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(transformers.utils.hub, "_is_offline_mode", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=hub.CONNECT_TIMEOUT_S: False)
+    started = time.monotonic()
+    _fails(capsys, ["plan", "--model", "no-such-org/no-such-model"], 2, "cannot load model", "not in the local cache")
+    assert time.monotonic() - started < 10  # the libraries' own retries take about 30 s
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is True
