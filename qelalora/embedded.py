@@ -105,3 +105,10 @@ def resolve_model(name: str) -> str:
     if name == SMOLLM2:
         return str(smollm2_path())
     return name
+
+
+def loadable_name(name: str) -> str:
+    """The name other loaders (PEFT, transformers) can open from any working directory: an embedded model's
+    folder, a local folder as an absolute path, or the hub id as given."""
+    resolved = resolve_model(name)
+    return str(Path(resolved).resolve()) if Path(resolved).exists() else resolved

@@ -247,7 +247,8 @@ def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseli
     heads = {names[id(p)]: p for p in state.head_params}
     adapter_io.save_adapter(run_dir / "adapter", state.layers, heads, recipe.model.name, recipe.model.quantize, run.spec.task,
                         recipe.model.num_labels if run.spec.task == "seq-cls" else None)
-    adapter_io.save_peft_lora(run_dir / "peft", state.layers, heads, recipe.model.name, run.spec.task, run.spec.heads)
+    adapter_io.save_peft_lora(run_dir / "peft", state.layers, heads, embedded.loadable_name(recipe.model.name), run.spec.task,
+                              run.spec.heads)
     history = report.write_rank_pattern(run_dir, state.ranks)
     report.plot_ranks(history, run_dir)
     measured = measured_peak(run.device, baseline_rss)

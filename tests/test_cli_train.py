@@ -1,6 +1,7 @@
 """`qelalora train` end to end on tiny models, and what the run directory holds."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +64,9 @@ def test_train_bert_end_to_end(settings, tmp_path, tiny_bert_dir, capsys):
         for t in ("lora_A", "lora_E", "lora_B"):
             shape = (layer.rank,) if score_state == "triplet" else getattr(layer, t).shape
             assert all(buf.shape == shape for buf in layer.score_buffers(t))
-    peft_base, _ = load_base_model(tiny_bert_dir, num_labels=2)
+    peft_config = json.loads((run / "peft" / "adapter_config.json").read_text())
+    assert peft_config["base_model_name_or_path"] == str(Path(tiny_bert_dir).resolve())  # resolvable from anywhere
+    peft_base, _ = load_base_model(peft_config["base_model_name_or_path"], num_labels=2)
     peft_model = PeftModel.from_pretrained(peft_base, run / "peft")
     ids = torch.randint(4, 128, (3, 10))
     base.eval(), peft_model.eval()
@@ -146,3 +149,13 @@ def test_train_without_held_out_splits(causal, tmp_path, tiny_bert_dir, tiny_lla
     report = json.loads((run / "report.json").read_text())
     assert report["steps"] == 16 and report["metrics"] == {}
     assert (run / "adapter" / "adapter.safetensors").is_file()
+
+
+def test_peft_copy_names_a_base_that_loaders_can_open(tmp_path, monkeypatch):
+    from qelalora import embedded
+
+    assert (Path(embedded.loadable_name("embedded:minilm-l6")) / "config.json").is_file()
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert embedded.loadable_name("folder") == str(tmp_path / "folder")
+    assert embedded.loadable_name("org/model-on-the-hub") == "org/model-on-the-hub"
