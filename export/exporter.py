@@ -136,7 +136,7 @@ def export_run(
     int4_block: int = 32,
     int4_symmetric: bool = False,  # symmetric int4 wrecked SmolLM2 (perplexity x50) where asymmetric cost +40%
     parity_examples: int = 8,
-    metric_examples: int = 64,
+    metric_examples: int = 500,
     log=print,
 ) -> dict:
     """Export a finished run in one format, check it, and return the summary."""
@@ -158,7 +158,7 @@ def export_run(
     try:
         _build_graph(run, fmt, tmp, _example_batch(examples, pad), int4_block, int4_symmetric)
         run.tokenizer.save_pretrained(tmp)
-        run.model.config.save_pretrained(tmp)
+        _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
         info = {
             "format": fmt,
             "task": run.task,
@@ -186,6 +186,17 @@ def export_run(
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
     return info
+
+
+def _edge_config(run):
+    """The model's config as loaders of the exported folder need it (optimum's ORTModel classes, transformers):
+    without the training-time bitsandbytes block, with the task class as architecture and the label names."""
+    config = copy.deepcopy(run.model.config)
+    for key in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.architectures = [type(run.model).__name__]
+    return config
 
 
 def export_adapter_only(run_dir: Path, path: Path, overwrite: bool = False) -> dict[str, int]:

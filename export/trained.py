@@ -6,6 +6,7 @@ held-out inputs for the parity check (the run's own test split).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +60,15 @@ def load_trained(run_dir: Path) -> TrainedRun:
     return TrainedRun(run_dir, recipe, model, spec, layers, tokenizer, path)
 
 
+def seeded_sample(items: list, n: int, seed: int = 0) -> list:
+    """`n` items drawn at random (seeded), in their original order; all of them when there are no more."""
+    if n >= len(items):
+        return list(items)
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
+
+
 def heldout_examples(run: TrainedRun, limit: int = 32) -> list[dict]:
-    """Up to `limit` tokenised examples of the run's test split (its validation split if empty)."""
+    """A seeded random sample of up to `limit` tokenised examples of the run's test split (its validation
+    split if that is empty): the whole split, not its first rows, speaks for it."""
     data = load_task_data(run.recipe.data, run.task, run.tokenizer, run.recipe.model.num_labels)
-    return (data.test or data.val or data.train)[:limit]
+    return seeded_sample(data.test or data.val or data.train, limit)

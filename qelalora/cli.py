@@ -202,7 +202,7 @@ def export(
     int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 (MatMulNBits).")] = 32,
     int4_symmetric: Annotated[bool, typer.Option(help="Symmetric int4 blocks (no zero points; default asymmetric).")] = False,
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
-    metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison.")] = 64,
+    metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
 ):
     """Export a trained run to ONNX and check it against PyTorch with ONNX Runtime.
 

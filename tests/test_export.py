@@ -186,3 +186,35 @@ def test_failed_parity_exits_6_and_writes_nothing(capsys, bert_run, tmp_path, mo
     code, _, err = run_cli(capsys, "export", str(bert_run), "-f", "merged-fp32", "-o", str(tmp_path / "out"))
     assert code == 6 and "differs from PyTorch by" in err and "allowed 1e-12 x the largest logit magnitude" in err
     assert not (tmp_path / "out").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_encoder_export_opens_with_optimum_and_names_its_task(bert_run, tmp_path):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+
+    from qelalora.data import collate
+    from qelalora.export.trained import heldout_examples, load_trained
+
+    export_run(bert_run, tmp_path / "out", "merged-fp32", log=lambda *a: None)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config  # the graph holds no bitsandbytes weights
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert set(config["id2label"]) == {"0", "1"} and set(config["label2id"].values()) == {0, 1}
+    ort_model = ORTModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    trained = load_trained(bert_run)
+    batch = collate(heldout_examples(trained, 8), 0)
+    with torch.no_grad():
+        expected = trained.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    got = ort_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(torch.as_tensor(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_metric_sample_is_a_seeded_random_sample_of_the_held_out_split(bert_run):
+    from qelalora.export.trained import heldout_examples, load_trained, seeded_sample
+
+    rows = list(range(1000))
+    sample = seeded_sample(rows, 500)
+    assert len(sample) == 500 and sample == sorted(sample) == seeded_sample(rows, 500)  # seeded, in split order
+    assert sample != rows[:500] and max(sample) > 900  # spread over the split, not its first rows
+    assert seeded_sample(rows[:30], 500) == rows[:30]  # the whole split when it is smaller
+    trained = load_trained(bert_run)
+    assert heldout_examples(trained, 5) == heldout_examples(trained, 5)
