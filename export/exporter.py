@@ -20,15 +20,17 @@ import numpy as np
 import torch
 
 from qelalora.checkpoint import write_json_atomic
+from qelalora.records import load_task_data
 from qelalora.errors import RunDirError, UserError
 
 from . import graphs, parity
 from .modules import branch_matrices, merge_model, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
 from .runtime import SUMMARY, EdgeModel
-from .trained import TrainedRun, heldout_examples, load_trained
+from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
+from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample
 
-FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "nf4-adapters", "swappable")
+FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters", "swappable")
 ADAPTER_FILE = "adapter.onnx_adapter"
 
 
@@ -69,18 +71,13 @@ def write_adapter_file(run: TrainedRun, path: Path) -> dict[str, int]:
     return {n: l.rank for n, l in run.layers.items()}
 
 
-class _QuietRootLogger:
-    """ONNX Runtime's quantisers log every tensor at INFO on the root logger."""
-
-    def __enter__(self):
-        self.level = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)
-
-    def __exit__(self, *exc):
-        logging.getLogger().setLevel(self.level)
+def _calibration_rows(run: TrainedRun) -> list[list[int]]:
+    """Token rows for calibrating quantisers: a seeded sample of the run's own training examples."""
+    data = load_task_data(run.recipe.data, run.task, run.tokenizer, run.recipe.model.num_labels)
+    return [e["input_ids"] for e in seeded_sample(data.train, CALIBRATION_EXAMPLES)]
 
 
-def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, int4_block: int, int4_symmetric: bool) -> None:
+def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: WeightOnly) -> None:
     model = copy.deepcopy(run.model)
     causal = run.task == "causal-lm"
     if fmt == "swappable":
@@ -107,20 +104,11 @@ def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, int4_bl
 
         converted = convert_float_to_float16(onnx.load(str(folder / "model.onnx")), keep_io_types=True)
         onnx.save(converted, str(folder / "model.onnx"))
-    elif fmt == "merged-int8":
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        with _QuietRootLogger():
-            quantize_dynamic(folder / "model.onnx", folder / "model.int8.onnx", weight_type=QuantType.QInt8)
-        (folder / "model.int8.onnx").replace(folder / "model.onnx")
-    elif fmt == "merged-int4":
-        import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(folder / "model.onnx")), block_size=int4_block, is_symmetric=int4_symmetric)
-        with _QuietRootLogger():
-            quantizer.process()
-        quantizer.model.save_model_to_file(str(folder / "model.onnx"), use_external_data_format=False)
+    elif fmt == "merged-int8-dynamic":
+        quantise_dynamic_int8(folder / "model.onnx")
+    elif fmt in ("merged-int4", "merged-int8"):
+        rows = _calibration_rows(run) if quant.algo == "gptq" else None
+        quantise_weights(folder / "model.onnx", 4 if fmt == "merged-int4" else 8, quant, rows)
 
 
 def _sizes(folder: Path) -> dict[str, int]:
@@ -133,8 +121,7 @@ def export_run(
     fmt: str,
     overwrite: bool = False,
     prune_threshold: float = DEFAULT_THRESHOLD,
-    int4_block: int = 32,
-    int4_symmetric: bool = False,  # symmetric int4 wrecked SmolLM2 (perplexity x50) where asymmetric cost +40%
+    quant: WeightOnly = WeightOnly(),
     parity_examples: int = 8,
     metric_examples: int = 500,
     log=print,
@@ -156,7 +143,7 @@ def export_run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        _build_graph(run, fmt, tmp, _example_batch(examples, pad), int4_block, int4_symmetric)
+        _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
         run.tokenizer.save_pretrained(tmp)
         _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
         info = {
@@ -169,7 +156,7 @@ def export_run(
             "data": run.recipe.to_dict()["data"],
             "prune": pruned.to_dict(),
             "ranks": {n: l.rank for n, l in run.layers.items()},
-            "int4": {"block_size": int4_block, "symmetric": int4_symmetric} if fmt == "merged-int4" else None,
+            "weight_only": quant.to_dict(4 if fmt == "merged-int4" else 8) if fmt in ("merged-int4", "merged-int8") else None,
             "run_dir": str(run_dir),
         }
         write_json_atomic(tmp / SUMMARY, info)

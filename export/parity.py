@@ -24,6 +24,7 @@ THRESHOLDS = {
     "swappable": 1e-3,
     "merged-fp16": 1e-2,
     "merged-int8": None,
+    "merged-int8-dynamic": None,
     "merged-int4": None,
 }
 GREEDY_TOKENS = 32

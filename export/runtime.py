@@ -20,6 +20,16 @@ from qelalora.errors import UserError
 SUMMARY = "qelalora_export.json"
 
 
+def empty_past(inputs: dict, batch: int) -> dict[str, np.ndarray]:
+    """An empty KV cache for a decoder graph's `past_key_values.*` inputs (none for other graphs)."""
+    feed = {}
+    for name, meta in inputs.items():
+        if name.startswith("past_key_values."):
+            heads, dim = meta.shape[1], meta.shape[3]
+            feed[name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
+    return feed
+
+
 class EdgeTokenizer:
     """The `tokenizers` library behind the small interface `qelalora.records` needs."""
 
@@ -83,12 +93,7 @@ class EdgeModel:
         return {"input_ids": ids, "attention_mask": mask}
 
     def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        feed = {}
-        for name, meta in self.inputs.items():
-            if name.startswith("past_key_values."):
-                heads, dim = meta.shape[1], meta.shape[3]
-                feed[name] = np.zeros((batch, heads, 0, dim), dtype=np.float32)
-        return feed
+        return empty_past(self.inputs, batch)
 
     def logits(self, rows: list[list[int]]) -> np.ndarray:
         """Logits for right-padded token rows (no cache: one full forward)."""

@@ -195,12 +195,14 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder."
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 | nf4-adapters | swappable")] = "nf4-adapters",
+    format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 (weight-only) | merged-int8-dynamic | nf4-adapters | swappable")] = "nf4-adapters",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN_DIR/onnx-FORMAT).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     prune_threshold: Annotated[float, typer.Option(help="Drop triplets whose update has spectral norm below this.")] = 1e-6,
-    int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 (MatMulNBits).")] = 32,
-    int4_symmetric: Annotated[bool, typer.Option(help="Symmetric int4 blocks (no zero points; default asymmetric).")] = False,
+    int4_algo: Annotated[str, typer.Option(help="Weight-only algorithm of merged-int4: rtn | hqq | k-quant | gptq (calibrated on the run's training examples).")] = "rtn",
+    int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 / merged-int8 (MatMulNBits).")] = 32,
+    int4_symmetric: Annotated[bool, typer.Option(help="Symmetric blocks (no zero points; default asymmetric).")] = False,
+    accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits CPU compute type: 4 = int8 activations (fastest), 1 = fp32; default ONNX Runtime's.")] = None,
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
 ):
@@ -209,6 +211,8 @@ def export(
     Examples:
 
       qelalora export runs/mine --format merged-int4
+
+      qelalora export runs/mine -f merged-int4 --int4-algo gptq --accuracy-level 4
 
       qelalora export runs/mine -f swappable -o edge/model
 
@@ -221,8 +225,14 @@ def export(
         ranks = export_adapter_only(run_dir, adapter_only, overwrite)
         typer.echo(f"wrote {adapter_only}: total rank {sum(ranks.values())} over {sum(1 for r in ranks.values() if r)} live layers")
         return
-    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, int4_block_size,
-               int4_symmetric, metric_examples=metric_examples)
+    from .export.quantise import INT4_ALGOS, WeightOnly
+
+    if int4_algo not in INT4_ALGOS:
+        raise UserError(f"--int4-algo: one of {', '.join(INT4_ALGOS)}, got {int4_algo!r}")
+    if format_ == "merged-int8" and int4_algo != "rtn":
+        raise UserError("merged-int8 is round-to-nearest only; --int4-algo applies to merged-int4")
+    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level)
+    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples)
 
 
 @app.command()

@@ -68,7 +68,7 @@ def test_every_format_exports_and_passes_parity(fmt, arch, request, tmp_path):
     assert (fmt == "swappable") == ((tmp_path / "out" / "adapter.onnx_adapter").is_file())
     ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
     assert ("MatMulBnb4" in ops) == (fmt in ("nf4-adapters", "swappable"))
-    assert ("MatMulNBits" in ops) == (fmt == "merged-int4")
+    assert ("MatMulNBits" in ops) == (fmt in ("merged-int4", "merged-int8"))
 
 
 def test_int4_is_smaller_than_fp32(bert_run, tmp_path):
@@ -218,3 +218,22 @@ def test_metric_sample_is_a_seeded_random_sample_of_the_held_out_split(bert_run)
     assert seeded_sample(rows[:30], 500) == rows[:30]  # the whole split when it is smaller
     trained = load_trained(bert_run)
     assert heldout_examples(trained, 5) == heldout_examples(trained, 5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_weight_only_algorithms_stay_close_to_pytorch(arch, request, tmp_path):
+    from qelalora.export.quantise import INT4_ALGOS, WeightOnly
+
+    run = request.getfixturevalue(f"{arch}_run")
+    rel = {}
+    for fmt, algo in [("merged-int8", "rtn")] + [("merged-int4", a) for a in INT4_ALGOS]:
+        info = export_run(run, tmp_path / f"{fmt}-{algo}", fmt, quant=WeightOnly(algo), log=lambda *a: None)
+        parity = info["parity"]
+        rel[fmt, algo] = parity["max_abs_logit_diff"] / parity["logit_scale"]
+        assert info["weight_only"]["algo"] == algo and info["weight_only"]["bits"] == (8 if fmt == "merged-int8" else 4)
+        ops = {n.op_type for n in onnx.load(str(tmp_path / f"{fmt}-{algo}" / "model.onnx")).graph.node}
+        assert "MatMulNBits" in ops
+    print(arch, {f"{f}/{a}": round(v, 4) for (f, a), v in rel.items()})
+    assert rel["merged-int8", "rtn"] < 0.02
+    assert all(rel["merged-int4", a] < 0.3 for a in INT4_ALGOS)
+    assert rel["merged-int8", "rtn"] < min(rel["merged-int4", a] for a in INT4_ALGOS)

@@ -1,0 +1,109 @@
+"""Weight-only quantisation of a merged graph with ONNX Runtime's own quantisers.
+
+`MatMulNBitsQuantizer` turns each MatMul with a constant weight into a
+`MatMulNBits` node (4 or 8 bits, block-wise scales and zero points). Its
+algorithms: `rtn` (round to nearest), `hqq` (half-quadratic, no data),
+`k-quant` (llama.cpp-style search of scales) and `gptq` (error-compensating,
+from calibration batches: here, the run's own training examples).
+`accuracy_level` picks the CPU kernels' compute type (4 = int8 activations,
+the fastest; None = ONNX Runtime's default). Dynamic int8 (per-tensor
+activation scales, `quantize_dynamic`) stays available by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INT4_ALGOS = ("rtn", "hqq", "k-quant", "gptq")
+CALIBRATION_EXAMPLES = 16
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """How `merged-int4` / `merged-int8` quantise: algorithm, block size, zero points, CPU compute type."""
+
+    algo: str = "rtn"
+    block_size: int = 32
+    symmetric: bool = False  # symmetric int4 wrecked SmolLM2 (perplexity x50) where asymmetric cost +53%
+    accuracy_level: int | None = None
+
+    def to_dict(self, bits: int) -> dict:
+        return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
+                "accuracy_level": self.accuracy_level}
+
+
+class _QuietRootLogger:
+    """ONNX Runtime's quantisers log every tensor at INFO on the root logger."""
+
+    def __enter__(self):
+        self.level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        logging.getLogger().setLevel(self.level)
+
+
+def calibration_feeds(model_path: Path, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
+    """One batch-1 feed per token row, with whatever else the graph takes (mask, positions, an empty KV cache)."""
+    import onnxruntime as ort
+
+    from .runtime import empty_past
+
+    inputs = {i.name: i for i in ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()}
+    feeds = []
+    for row in rows:
+        ids = np.array([row], dtype=np.int64)
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None],
+                **empty_past(inputs, 1)}
+        feeds.append({k: v for k, v in feed.items() if k in inputs})
+    return feeds
+
+
+def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_rows: list[list[int]] | None = None) -> None:
+    """Replace `path` (an ONNX model) by its weight-only quantised version."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    if options.algo not in INT4_ALGOS:
+        raise ValueError(f"unknown weight-only algorithm {options.algo!r}; choose one of {', '.join(INT4_ALGOS)}")
+    if options.algo == "hqq":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
+    elif options.algo == "k-quant":
+        config = nbits.KQuantWeightOnlyQuantConfig()
+    elif options.algo == "gptq":
+        if not calibration_rows:
+            raise ValueError("gptq needs calibration examples")
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = iter(calibration_feeds(path, calibration_rows))
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=options.block_size)
+    else:
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+                                                    accuracy_level=options.accuracy_level, bits=bits)
+    quantizer = nbits.MatMulNBitsQuantizer(
+        onnx.load(str(path)), bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, algo_config=config,
+    )
+    with _QuietRootLogger():
+        quantizer.process()
+    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+
+
+def quantise_dynamic_int8(path: Path) -> None:
+    """int8 weights with activations quantised at run time (per-tensor scales): `merged-int8-dynamic`."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_suffix(".int8.onnx")
+    with _QuietRootLogger():
+        quantize_dynamic(path, tmp, weight_type=QuantType.QInt8)
+    tmp.replace(path)
