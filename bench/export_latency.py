@@ -9,6 +9,8 @@ model the run trained:
   read per token / measured read bandwidth of this machine).
 
     python bench/export_latency.py --run runs/bench-minilm --run runs/bench-smollm2 [--repeats 15]
+    python bench/export_latency.py --run runs/bench-smollm2 --formats merged-fp32 merged-int4 merged-int8 \
+        --int4-algos rtn hqq k-quant gptq --accuracy-levels default 4
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import onnx
 import torch
 
 from qelalora.export.exporter import FORMATS, export_run
+from qelalora.export.quantise import INT4_ALGOS, WeightOnly
 from qelalora.export.runtime import EdgeModel
 from qelalora.export.trained import heldout_examples, load_trained
 
@@ -102,7 +105,23 @@ def edge_decode_step(edge: EdgeModel, prompt: list[int]):
     return lambda: edge.session.run(["logits"], step_feed)
 
 
-def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, metric_examples: dict) -> dict:
+def variants(formats: list[str], int4_algos: list[str], accuracy_levels: list[int | None]) -> list[tuple[str, str, WeightOnly]]:
+    """(label, format, weight-only settings): each int4 algorithm and CPU compute type is its own row."""
+    out = []
+    for fmt in formats:
+        if fmt in ("merged-int4", "merged-int8"):
+            algos = int4_algos if fmt == "merged-int4" else ["rtn"]
+            for algo in algos:
+                for level in accuracy_levels:
+                    label = fmt if (algo, level) == ("rtn", None) else f"{fmt}[{algo}{'' if level is None else f',acc{level}'}]"
+                    out.append((label, fmt, WeightOnly(algo, accuracy_level=level)))
+        else:
+            out.append((fmt, fmt, WeightOnly()))
+    return out
+
+
+def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, metric_examples: dict,
+              rows: list[tuple[str, str, WeightOnly]]) -> dict:
     run = load_trained(run_dir)
     causal = run.task == "causal-lm"
     result = {"run": str(run_dir), "model": run.recipe.model.name, "task": run.task, "formats": {}}
@@ -117,11 +136,12 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
             torch_times = {"batch_1": median_time(torch_encoder(run, rows1), repeats),
                            "batch_8": median_time(torch_encoder(run, rows8), repeats)}
     result["pytorch_nf4_s"] = torch_times
-    for fmt in FORMATS:
+    for label, fmt, quant in rows:
         if causal and fmt == "swappable":
             continue  # logits-only decoder graph: no KV cache to time decode with
-        folder = out_root / f"{run_dir.name}-{fmt}"
-        info = export_run(run_dir, folder, fmt, overwrite=True, metric_examples=metric_examples[run.task], log=lambda *a: None)
+        folder = out_root / f"{run_dir.name}-{label.replace('[', '-').replace(']', '').replace(',', '-')}"
+        info = export_run(run_dir, folder, fmt, overwrite=True, quant=quant, metric_examples=metric_examples[run.task],
+                          log=lambda *a: None)
         edge = EdgeModel(folder)
         if causal:
             times = {"prefill_128": median_time(lambda: edge.logits([prompt]), repeats),
@@ -135,7 +155,7 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
                      "batch_8": median_time(lambda: edge.logits(rows8), repeats)}
         ratios = {k: times[k] / torch_times[k] for k in torch_times}
         parity = info["parity"]
-        result["formats"][fmt] = {
+        result["formats"][label] = {
             "bytes": sum(info["files"][n] for n in info["files"] if n.startswith("model.onnx") or n.endswith(".onnx_adapter")),
             "ort_s": times,
             "ratio_to_pytorch_nf4": ratios,
@@ -144,7 +164,7 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
             "metric_pytorch": parity["metric_pytorch"],
             "metric_delta": parity["metric_delta"],
         }
-        print(json.dumps({fmt: result["formats"][fmt]}))
+        print(json.dumps({label: result["formats"][label]}))
     return result
 
 
@@ -155,13 +175,19 @@ def main() -> None:
     parser.add_argument("--cls-examples", type=int, default=1000, help="held-out examples for the accuracy delta")
     parser.add_argument("--lm-examples", type=int, default=100, help="held-out blocks for the perplexity delta")
     parser.add_argument("--out", type=Path, default=Path("bench/out/export_latency.json"))
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--int4-algos", nargs="+", default=["rtn"], choices=INT4_ALGOS)
+    parser.add_argument("--accuracy-levels", nargs="+", default=["default"], choices=["default", "1", "2", "3", "4"],
+                        help="MatMulNBits CPU compute types to compare (default = ONNX Runtime's choice)")
     args = parser.parse_args()
+    levels = [None if v == "default" else int(v) for v in args.accuracy_levels]
+    rows = variants(args.formats, args.int4_algos, levels)
     torch.set_grad_enabled(False)
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")
     report = {"date": time.strftime("%Y-%m-%d"), "read_bandwidth_bytes_per_s": bandwidth, "torch_threads": torch.get_num_threads(),
               "runs": [bench_run(r, args.out.parent / "exports", args.repeats, bandwidth,
-                                 {"seq-cls": args.cls_examples, "causal-lm": args.lm_examples}) for r in args.run]}
+                                 {"seq-cls": args.cls_examples, "causal-lm": args.lm_examples}, rows) for r in args.run]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 
