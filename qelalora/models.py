@@ -164,11 +164,22 @@ def head_modules(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
 
 
 def head_params(model: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
-    """Trainable head parameters (made trainable here), in a fixed order."""
-    params = [p for module in head_modules(model, spec) for p in module.parameters()]
+    """Trainable head parameters (made trainable here), in a fixed order. Like every trained tensor they are
+    kept in fp32 on every device, as PEFT's k-bit preparation does: a head loaded in bf16 (the CUDA compute
+    type) is upcast, and its inputs are cast to fp32 on the way in."""
+    params = []
+    for module in head_modules(model, spec):
+        if any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()
+            module.register_forward_pre_hook(_fp32_inputs)
+        params += list(module.parameters())
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def _fp32_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def freeze_all(model: nn.Module) -> None:
@@ -182,13 +193,16 @@ def load_base_model(
     num_labels: int | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, ArchSpec]:
-    """Load a Hugging Face model with its frozen linears in NF4 (or plain, `quantize="none"`)."""
+    """Load a Hugging Face model with its frozen linears in NF4 (or plain, `quantize="none"`); the frozen
+    weights and activations in `compute_dtype` (default bf16 on CUDA, fp32 on the CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     spec = arch_spec(config.model_type)
-    compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": compute_dtype}
     if quantize == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(

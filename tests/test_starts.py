@@ -215,3 +215,20 @@ def test_bad_method_keys_are_reported(tmp_path):
     assert "elalora.score_state" in text and "elalora.lr_mult_E" in text
     with pytest.raises(RecipeError, match="needs model.quantize: nf4"):
         load_recipe(None, ["elalora.init=residual", "model.quantize=none"])
+
+
+def test_trained_tensors_stay_fp32_when_the_base_computes_in_bf16(tiny_bert_dir):
+    """The CUDA set-up (bf16 compute) checked on the CPU: heads upcast, adapters fp32, gradients fp32."""
+    torch.manual_seed(0)
+    model, spec = load_base_model(tiny_bert_dir, quantize="nf4", compute_dtype=torch.bfloat16)
+    assert model.get_submodule("classifier").weight.dtype == torch.bfloat16  # as loaded
+    paths = target_paths(model, spec, list(spec.targets))
+    heads = head_params(model, spec)
+    assert heads and all(p.dtype == torch.float32 for p in heads)
+    state = prepare_training(model, paths, heads, ElaLoRAConfig(budget_mb=0.3, t_init=3, t_final=3, delta=2), 10, lr=1e-3)
+    losses = train(state, cls_batches(128), 10, hf_loss)
+    assert all(math.isfinite(x) for x in losses)
+    trained = heads + [p for layer in state.layers.values() for p in layer.adapter_params()]
+    hf_loss(model, next(cls_batches(128))).backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    assert model.get_submodule("bert.encoder.layer.0.attention.self.query").base.compute_dtype == torch.bfloat16
