@@ -61,12 +61,17 @@ def base_bytes(model: nn.Module, quantize: str, skip: tuple[str, ...], dtype_byt
     return total
 
 
-def activation_bytes(config, batch: int, seq: int, dtype_bytes: int, causal_lm: bool) -> int:
+def activation_bytes(config, batch: int, seq: int, dtype_bytes: int, causal_lm: bool, checkpointing: bool = False) -> int:
+    """Tensors autograd keeps for the backward pass. With gradient checkpointing only each block's input is
+    kept, and one block's activations exist at a time while it is recomputed."""
     h = config.hidden_size
     layers = config.num_hidden_layers
     heads = config.num_attention_heads
-    per_layer_16bit = seq * batch * h * (34 + 5 * heads * seq / h)
-    total = per_layer_16bit * layers * dtype_bytes / 2
+    per_layer = seq * batch * h * (34 + 5 * heads * seq / h) * dtype_bytes / 2
+    if checkpointing:
+        total = layers * seq * batch * h * dtype_bytes + per_layer
+    else:
+        total = per_layer * layers
     if causal_lm:
         total += 2 * batch * seq * config.vocab_size * 4  # logits and their fp32 softmax/grad
     return int(total)

@@ -49,6 +49,8 @@ class MemoryPlan:
     model_name: str
     batch: int
     seq: int
+    checkpointing: bool = False  # gradient checkpointing on for this run
+    activations_other: int = 0  # the activation estimate with the other checkpointing choice
 
     def to_dict(self) -> dict:
         rp = self.rank_plan
@@ -63,6 +65,8 @@ class MemoryPlan:
             "min_budget_bytes": rp.min_budget_bytes,
             "footprint": self.footprint.to_dict(),
             "activations_at": {"batch": self.batch, "seq": self.seq},
+            "gradient_checkpointing": self.checkpointing,
+            "activation_bytes_other_choice": self.activations_other,
         }
 
     def describe(self) -> str:
@@ -74,7 +78,9 @@ class MemoryPlan:
             f"(smallest workable budget: {fmt_mib(rp.min_budget_bytes)})\n"
             f"  predicted footprint: base {fmt_mib(fp.base_bytes)} + adapter state {fmt_mib(fp.adapter_bytes)} + "
             f"activations ~{fmt_mib(fp.activation_bytes)} (batch {self.batch} x {self.seq} tokens) "
-            f"= {fmt_mib(fp.total_bytes)}"
+            f"= {fmt_mib(fp.total_bytes)}\n"
+            f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
+            f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
         )
 
 
@@ -122,14 +128,21 @@ def memory_plan(recipe: Recipe) -> MemoryPlan:
     paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
     heads = [p.numel() for module in head_modules(model, spec) for p in module.parameters()]
     _, _, rp = plan_ranks(target_shapes(model, paths), heads, recipe.elalora)
-    e = recipe.elalora
-    fp = Footprint(
-        base_bytes=base_bytes(model, recipe.model.quantize, spec.unquantized, dtype_bytes),
-        adapter_bytes=rp.adapter_bytes,
-        activation_bytes=activation_bytes(config, recipe.train.batch_size, recipe.data.max_length, dtype_bytes, spec.task == "causal-lm"),
-        budget_bytes=e.budget_bytes,
-    )
-    return MemoryPlan(rp, fp, len(paths), recipe.model.name, recipe.train.batch_size, recipe.data.max_length)
+    e, t = recipe.elalora, recipe.train
+    base = base_bytes(model, recipe.model.quantize, spec.unquantized, dtype_bytes)
+    acts = {on: activation_bytes(config, t.batch_size, recipe.data.max_length, dtype_bytes, spec.task == "causal-lm", on)
+            for on in (False, True)}
+    if t.gradient_checkpointing == "auto":
+        checkpointing = device.startswith("cuda") and base + rp.adapter_bytes + acts[False] > _device_bytes(device)
+    else:
+        checkpointing = bool(t.gradient_checkpointing)
+    fp = Footprint(base_bytes=base, adapter_bytes=rp.adapter_bytes, activation_bytes=acts[checkpointing], budget_bytes=e.budget_bytes)
+    return MemoryPlan(rp, fp, len(paths), recipe.model.name, t.batch_size, recipe.data.max_length, checkpointing,
+                      acts[not checkpointing])
+
+
+def _device_bytes(device: str) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 
 def _is_oom(err: RuntimeError) -> bool:
@@ -225,6 +238,8 @@ def build_run(recipe: Recipe, log=print) -> Run:
     log(f"data: {recipe.data.source}: {data.sizes()['train']} train / {data.sizes()['val']} val / {data.sizes()['test']} test")
     paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
     t = recipe.train
+    if plan.checkpointing:  # the non-reentrant form needs no input that requires grad (the base is frozen)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     state = prepare_training(
         model,
         paths,

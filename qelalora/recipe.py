@@ -59,6 +59,8 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    # true | false | "auto": on when the planned footprint without it would not fit the CUDA device (off on CPUs)
+    gradient_checkpointing: bool | str = "auto"
 
 
 @dataclass
@@ -167,6 +169,7 @@ def _check_ranges(recipe: Recipe, errors: list[str]) -> None:
     need(t.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {t.warmup_steps}")
     need(0 <= t.seed < 2**63 and 0 <= d.split_seed < 2**63, "train.seed and data.split_seed: must be between 0 and 2^63 - 1")
     need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
+    need(t.gradient_checkpointing in (True, False, "auto"), f"train.gradient_checkpointing: true, false or auto, got {t.gradient_checkpointing!r}")
     need(d.max_train_examples is None or d.max_train_examples >= 1, "data.max_train_examples: must be >= 1 (or null)")
     need(t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"), f"train.device: auto, cpu or cuda, got {t.device!r}")
     for key in ("eval_every", "checkpoint_every", "log_every", "eval_batches"):
