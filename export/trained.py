@@ -51,7 +51,8 @@ def load_trained(run_dir: Path) -> TrainedRun:
     recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
     torch.manual_seed(recipe.train.seed)
     path = embedded.resolve_model(recipe.model.name)
-    model, spec = load_base_model(path, recipe.model.quantize, recipe.model.num_labels, "cpu", recipe.model.trust_remote_code)
+    model, spec = load_base_model(path, recipe.model.quantize, recipe.model.num_labels, "cpu", recipe.model.trust_remote_code,
+                                  task=recipe.model.task)
     layers = load_adapter(model, run_dir / "adapter")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)

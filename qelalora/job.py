@@ -26,7 +26,7 @@ from .data import BatchStream, evaluate
 from .records import TaskData, load_task_data
 from .errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, UserError
 from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
-from .models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, target_paths
+from .models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, select_targets, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
 from .hub import go_offline_if_unreachable
 from .run_lock import LOCK_NAME, RunLock
@@ -51,6 +51,8 @@ class MemoryPlan:
     seq: int
     checkpointing: bool = False  # gradient checkpointing on for this run
     activations_other: int = 0  # the activation estimate with the other checkpointing choice
+    targets: tuple[str, ...] = ()  # adapted linears inside one block
+    discovered: bool = False  # targets found in the model (architecture not in the table)
 
     def to_dict(self) -> dict:
         rp = self.rank_plan
@@ -65,6 +67,8 @@ class MemoryPlan:
             "min_budget_bytes": rp.min_budget_bytes,
             "footprint": self.footprint.to_dict(),
             "activations_at": {"batch": self.batch, "seq": self.seq},
+            "targets": list(self.targets),
+            "discovered": self.discovered,
             "gradient_checkpointing": self.checkpointing,
             "activation_bytes_other_choice": self.activations_other,
         }
@@ -73,6 +77,8 @@ class MemoryPlan:
         rp, fp = self.rank_plan, self.footprint
         return (
             f"Memory plan: {self.model_name}, {self.n_layers} target layers, budget {fmt_mib(rp.budget_bytes)}\n"
+            f"  targets per block: {', '.join(self.targets)}"
+            f"{' (found in the model: its architecture is not in the table)' if self.discovered else ''}\n"
             f"  initial rank {rp.rank} per layer (limited by {rp.binding}); adapter state "
             f"{fmt_mib(rp.adapter_bytes)} = {100 * rp.budget_used:.1f}% of the budget "
             f"(smallest workable budget: {fmt_mib(rp.min_budget_bytes)})\n"
@@ -116,7 +122,7 @@ def memory_plan(recipe: Recipe) -> MemoryPlan:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     name, config = _load_config(recipe)
-    spec = arch_spec(config.model_type)
+    spec = arch_spec(config, recipe.model.task)
     _check_sequence_length(recipe, config)
     if spec.task == "seq-cls":
         config.num_labels = recipe.model.num_labels
@@ -125,7 +131,7 @@ def memory_plan(recipe: Recipe) -> MemoryPlan:
         model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     device = resolve_device(recipe.train.device)
     dtype_bytes = 2 if device.startswith("cuda") else 4
-    paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
+    paths = target_paths(model, spec, recipe.model.targets)
     heads = [p.numel() for module in head_modules(model, spec) for p in module.parameters()]
     _, _, rp = plan_ranks(target_shapes(model, paths), heads, recipe.elalora)
     e, t = recipe.elalora, recipe.train
@@ -137,8 +143,9 @@ def memory_plan(recipe: Recipe) -> MemoryPlan:
     else:
         checkpointing = bool(t.gradient_checkpointing)
     fp = Footprint(base_bytes=base, adapter_bytes=rp.adapter_bytes, activation_bytes=acts[checkpointing], budget_bytes=e.budget_bytes)
+    chosen = tuple(spec.targets[k] for k in select_targets(spec, recipe.model.targets))
     return MemoryPlan(rp, fp, len(paths), recipe.model.name, t.batch_size, recipe.data.max_length, checkpointing,
-                      acts[not checkpointing])
+                      acts[not checkpointing], chosen, spec.discovered)
 
 
 def _device_bytes(device: str) -> int:
@@ -227,7 +234,7 @@ def build_run(recipe: Recipe, log=print) -> Run:
     torch.manual_seed(recipe.train.seed)
     name = embedded.resolve_model(recipe.model.name)
     model, spec = load_base_model(
-        name, recipe.model.quantize, recipe.model.num_labels, device, recipe.model.trust_remote_code
+        name, recipe.model.quantize, recipe.model.num_labels, device, recipe.model.trust_remote_code, task=recipe.model.task
     )
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -236,7 +243,7 @@ def build_run(recipe: Recipe, log=print) -> Run:
         model.config.pad_token_id = tokenizer.pad_token_id
     data = load_task_data(recipe.data, spec.task, tokenizer, recipe.model.num_labels)
     log(f"data: {recipe.data.source}: {data.sizes()['train']} train / {data.sizes()['val']} val / {data.sizes()['test']} test")
-    paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
+    paths = target_paths(model, spec, recipe.model.targets)
     t = recipe.train
     if plan.checkpointing:  # the non-reentrant form needs no input that requires grad (the base is frozen)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

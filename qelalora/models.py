@@ -2,12 +2,16 @@
 
 Each architecture is a small declarative spec: where its transformer blocks
 are, which linears inside a block can be adapted (short name -> path), and
-which modules form a trainable task head. Layers are found by walking those
-exact paths, never by matching substrings of parameter names.
+which modules form a trainable task head. The table gives short names and
+known heads for common families; any other architecture gets a spec
+discovered from the model itself (every linear in its repeated blocks, like
+PEFT's `all-linear`). Layers are found by walking exact paths, never by
+matching substrings of parameter names.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,9 +25,10 @@ from .layer import ElaLoRALinear
 @dataclass(frozen=True)
 class ArchSpec:
     task: str  # "causal-lm" or "seq-cls"
-    blocks: str  # ModuleList of transformer blocks, relative to `model.base_model`
+    blocks: str  # ModuleList of transformer blocks, relative to `model.base_model` (or to the model, if discovered)
     targets: dict[str, str]  # short name -> linear's path inside one block
     heads: tuple[str, ...] = ()  # trainable head modules, relative to the top-level model
+    discovered: bool = False  # found by walking the model (architecture not in the table)
 
     @property
     def unquantized(self) -> tuple[str, ...]:
@@ -92,13 +97,80 @@ class ModelError(UserError):
     """The model cannot be loaded or adapted as asked."""
 
 
-def arch_spec(model_type: str) -> ArchSpec:
+TASKS = ("auto", "causal-lm", "seq-cls")
+
+
+def arch_spec(config, task: str = "auto") -> ArchSpec:
+    """The table's spec for a known architecture; for any other, one discovered from the model itself."""
+    known = ARCHITECTURES.get(config.model_type)
+    if known is not None and task in ("auto", known.task):
+        return known
+    return discover_spec(config, task)
+
+
+def guess_task(model_type: str) -> str:
+    """Encoders (those with a masked-LM head in transformers) classify; other causal-LM models generate."""
+    from transformers.models.auto import modeling_auto as auto
+
+    if model_type in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return "seq-cls"
+    if model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    if model_type in auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        return "seq-cls"
+    raise ModelError(
+        f"architecture {model_type!r} has neither a causal-LM nor a sequence-classification class in transformers; "
+        f"the table covers {', '.join(sorted(ARCHITECTURES))}"
+    )
+
+
+def discover_spec(config, task: str = "auto") -> ArchSpec:
+    """Like PEFT's `all-linear`: every linear inside the repeated transformer blocks (the largest ModuleList of
+    one block class), found on a weightless copy of the model; embeddings and the LM head stay out. For
+    sequence classification the head is every top-level module beside the base model that has weights."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task = guess_task(config.model_type) if task == "auto" else task
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        raise ModelError(
-            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
-        ) from None
+        with torch.device("meta"):
+            model = auto.from_config(config)
+    except (ValueError, KeyError) as err:
+        raise ModelError(f"architecture {config.model_type!r} cannot be built for {task}: {str(err).splitlines()[0][:200]}") from None
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1]
+    lists = [(name, m) for name, m in lists if any(_is_linear(x) for x in m[0].modules())]
+    if not lists:
+        raise ModelError(f"no repeated blocks with linear layers found in {type(model).__name__}")
+    blocks, modules = max(lists, key=lambda item: len(item[1]))
+    targets = {rel: rel for rel, m in modules[0].named_modules() if rel and _is_linear(m)}
+    heads: tuple[str, ...] = ()
+    if task == "seq-cls":
+        base = model.base_model
+        heads = tuple(name for name, child in model.named_children() if child is not base and any(True for _ in child.parameters()))
+    return ArchSpec(task, blocks, targets, heads, discovered=True)
+
+
+def select_targets(spec: ArchSpec, targets: Sequence[str] | str | None) -> list[str]:
+    """Target keys from a recipe: None or "all-linear" = all; otherwise short names, in-block paths or regexes
+    (full match on the in-block path, e.g. "self_attn\\..*_proj")."""
+    if targets is None or targets == "all-linear":
+        return list(spec.targets)
+    chosen: list[str] = []
+    for t in [targets] if isinstance(targets, str) else targets:
+        if t in spec.targets:
+            matches = [t]
+        else:
+            try:
+                pattern = re.compile(t)
+            except re.error as err:
+                raise ModelError(f"target {t!r} is neither a name nor a valid regular expression ({err})") from None
+            matches = [k for k, rel in spec.targets.items() if pattern.fullmatch(rel) or pattern.fullmatch(k)]
+        if not matches:
+            raise ModelError(f"target {t!r} matches no linear; this architecture has {list(spec.targets)} "
+                             "(model.targets: all-linear takes them all)")
+        chosen += [m for m in matches if m not in chosen]
+    return chosen
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -111,12 +183,10 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
-def target_paths(model: nn.Module, spec: ArchSpec, targets: Sequence[str]) -> list[str]:
+def target_paths(model: nn.Module, spec: ArchSpec, targets: Sequence[str] | str | None) -> list[str]:
     """Full module paths of the target linears, in block order then target order."""
-    unknown = [t for t in targets if t not in spec.targets]
-    if unknown:
-        raise ModelError(f"unknown target(s) {unknown}; this architecture has {list(spec.targets)}")
-    prefix = model.base_model_prefix if model.base_model is not model else ""
+    targets = select_targets(spec, targets)
+    prefix = model.base_model_prefix if model.base_model is not model and not spec.discovered else ""
     blocks_path = f"{prefix}.{spec.blocks}" if prefix else spec.blocks
     blocks = model.get_submodule(blocks_path)
     return [f"{blocks_path}.{i}.{spec.targets[t]}" for i in range(len(blocks)) for t in targets]
@@ -194,13 +264,14 @@ def load_base_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
     compute_dtype: torch.dtype | None = None,
+    task: str = "auto",
 ) -> tuple[nn.Module, ArchSpec]:
     """Load a Hugging Face model with its frozen linears in NF4 (or plain, `quantize="none"`); the frozen
     weights and activations in `compute_dtype` (default bf16 on CUDA, fp32 on the CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    spec = arch_spec(config.model_type)
+    spec = arch_spec(config, task)
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": compute_dtype}

@@ -26,7 +26,8 @@ MAX_RECIPE_BYTES = 1 << 20
 class ModelSection:
     name: str = "embedded:minilm-l6"  # hub id, local folder, or embedded:minilm-l6 / embedded:smollm2-135m
     quantize: str = "nf4"  # nf4 | none
-    targets: list[str] | None = None  # short target names; None = all of the architecture's
+    targets: list[str] | str | None = None  # None or "all-linear" = every linear in the blocks; or names / regexes
+    task: str = "auto"  # auto | causal-lm | seq-cls (auto: from the architecture)
     num_labels: int = 2  # sequence classification only
     trust_remote_code: bool = False
 
@@ -155,6 +156,7 @@ def _check_ranges(recipe: Recipe, errors: list[str]) -> None:
 
     need(m.quantize in ("nf4", "none"), f"model.quantize: must be 'nf4' or 'none', got {m.quantize!r}")
     need(m.num_labels >= 2, f"model.num_labels: must be >= 2, got {m.num_labels}")
+    need(m.task in ("auto", "causal-lm", "seq-cls"), f"model.task: auto, causal-lm or seq-cls, got {m.task!r}")
     need(d.max_length >= 2, f"data.max_length: must be >= 2, got {d.max_length}")
     need((d.prompt_field is None) == (d.completion_field is None), "data: give both prompt_field and completion_field, or neither")
     for key in ("val_size", "test_size"):

@@ -110,7 +110,8 @@ def test_unsupported_architecture(capsys, tmp_path):
     from transformers import GPT2Config
 
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64).save_pretrained(tmp_path / "gpt2")
-    _fails(capsys, ["plan", "--model", str(tmp_path / "gpt2")], 2, "architecture 'gpt2' is not supported", "llama")
+    # GPT-2 keeps its weights in transformers' Conv1D, not in linear layers: nothing to adapt
+    _fails(capsys, ["plan", "--model", str(tmp_path / "gpt2")], 2, "no repeated blocks with linear layers", "GPT2LMHeadModel")
 
 
 def test_unreachable_hub_fails_fast_without_retries(capsys, monkeypatch):
