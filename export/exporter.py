@@ -151,6 +151,7 @@ def export_run(
             "task": run.task,
             "base_model": run.recipe.model.name,
             "num_labels": run.recipe.model.num_labels if run.task == "seq-cls" else None,
+            "label_names": _label_names(run),
             "eos_token_id": run.tokenizer.eos_token_id,
             "pad_token_id": pad,
             "data": run.recipe.to_dict()["data"],
@@ -173,6 +174,12 @@ def export_run(
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
     return info
+
+
+def _label_names(run) -> list[str] | None:
+    """Class names in id order when the run's data named its classes (else None: the labels are indices)."""
+    id2label = json.loads((run.run_dir / "adapter" / "adapter_config.json").read_text()).get("id2label")
+    return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
 
 def _edge_config(run):

@@ -111,7 +111,9 @@ class EdgeModel:
         logits = self.logits(rows)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
-        return [{"label": int(p.argmax()), "probabilities": [round(float(x), 4) for x in p]} for p in probs]
+        names = self.info.get("label_names")
+        return [{"label": int(p.argmax()), **({"name": names[int(p.argmax())]} if names else {}),
+                 "probabilities": [round(float(x), 4) for x in p]} for p in probs]
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32) -> list[int]:
         """Greedy decoding with the KV cache; returns the new token ids."""

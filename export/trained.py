@@ -6,6 +6,7 @@ held-out inputs for the parity check (the run's own test split).
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,10 @@ def load_trained(run_dir: Path) -> TrainedRun:
     model, spec = load_base_model(path, recipe.model.quantize, recipe.model.num_labels, "cpu", recipe.model.trust_remote_code,
                                   task=recipe.model.task)
     layers = load_adapter(model, run_dir / "adapter")
+    id2label = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("id2label")
+    if id2label:  # class names from the training data
+        model.config.id2label = {int(i): n for i, n in id2label.items()}
+        model.config.label2id = {n: int(i) for i, n in id2label.items()}
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:

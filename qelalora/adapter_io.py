@@ -43,6 +43,7 @@ def save_adapter(
     quantize: str,
     task: str,
     num_labels: int | None,
+    label_names: list[str] | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -64,6 +65,7 @@ def save_adapter(
             "quantize": quantize,
             "task": task,
             "num_labels": num_labels,
+            "id2label": {str(i): n for i, n in enumerate(label_names)} if label_names else None,
             "alpha": next(iter(layers.values())).alpha if layers else None,
             "start": next(iter(layers.values())).start if layers else None,
             "score_state": next(iter(layers.values())).score_state if layers else None,

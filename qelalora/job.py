@@ -242,6 +242,9 @@ def build_run(recipe: Recipe, log=print) -> Run:
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     data = load_task_data(recipe.data, spec.task, tokenizer, recipe.model.num_labels)
+    if data.label_names:  # classes named in the data: the model's config (and so the PEFT copy) names them too
+        model.config.id2label = dict(enumerate(data.label_names))
+        model.config.label2id = {n: i for i, n in enumerate(data.label_names)}
     log(f"data: {recipe.data.source}: {data.sizes()['train']} train / {data.sizes()['val']} val / {data.sizes()['test']} test")
     paths = target_paths(model, spec, recipe.model.targets)
     t = recipe.train
@@ -268,7 +271,7 @@ def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseli
     names = {id(p): n for n, p in run.model.named_parameters()}
     heads = {names[id(p)]: p for p in state.head_params}
     adapter_io.save_adapter(run_dir / "adapter", state.layers, heads, recipe.model.name, recipe.model.quantize, run.spec.task,
-                        recipe.model.num_labels if run.spec.task == "seq-cls" else None)
+                            recipe.model.num_labels if run.spec.task == "seq-cls" else None, run.data.label_names)
     adapter_io.save_peft_lora(run_dir / "peft", state.layers, heads, embedded.loadable_name(recipe.model.name), run.spec.task,
                               run.spec.heads)
     history = report.write_rank_pattern(run_dir, state.ranks)

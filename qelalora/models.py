@@ -287,7 +287,9 @@ def load_base_model(
     elif quantize != "none":
         raise ModelError(f"quantize must be 'nf4' or 'none', got {quantize!r}")
     if spec.task == "seq-cls":
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels or 2, **kwargs)
+        # a checkpoint whose head has another number of classes gets a fresh head of the right size
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels or 2,
+                                                                   ignore_mismatched_sizes=True, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if quantize == "none":

@@ -37,6 +37,7 @@ class DataSection:
     source: str = "rotten-tomatoes"  # rotten-tomatoes | python-docs | python-stdlib | path to .jsonl/.csv/.txt
     text_field: str = "text"
     label_field: str = "label"
+    label_names: list[str] | None = None  # class names in id order, for text labels (default: sorted)
     prompt_field: str | None = None  # causal LM with prompt + completion: loss on the completion only
     completion_field: str | None = None
     max_length: int = 128

@@ -38,6 +38,7 @@ class TaskData:
     val: list[dict]
     test: list[dict]
     pad_id: int
+    label_names: list[str] | None = None  # id -> name, when the data labels classes by name
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
@@ -138,7 +139,32 @@ def _as_text(value, where: str) -> str:
     return value
 
 
-def _as_label(value, num_labels: int, where: str) -> int:
+def _is_index(value) -> bool:
+    return isinstance(value, (bool, int)) or (isinstance(value, float) and value.is_integer()) or (
+        isinstance(value, str) and value.strip().lstrip("-").isdigit())
+
+
+def label_names_of(records: list[dict], section: DataSection, num_labels: int) -> list[str] | None:
+    """Class names in id order when the data labels classes by name (text labels); None for integer labels."""
+    values = [r.get(section.label_field) for r in records if isinstance(r, dict)]
+    named = sorted({v for v in values if isinstance(v, str) and not _is_index(v)})
+    if section.label_names is None and not named:
+        return None
+    names = list(section.label_names) if section.label_names is not None else named
+    unknown = [v for v in named if v not in names]
+    if unknown:
+        raise DataError(f"{section.source}: label(s) {', '.join(map(repr, unknown[:5]))} are not in data.label_names {names}")
+    if len(set(names)) != len(names) or len(names) != num_labels:
+        raise DataError(
+            f"{section.source}: {len(set(names))} class name(s) ({', '.join(names[:10])}) but model.num_labels is {num_labels}; "
+            f"set model.num_labels: {len(set(names))} (or list the classes in data.label_names)"
+        )
+    return names
+
+
+def _as_label(value, num_labels: int, where: str, names: list[str] | None = None) -> int:
+    if names is not None and isinstance(value, str) and value in names:
+        return names.index(value)
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -146,20 +172,21 @@ def _as_label(value, num_labels: int, where: str) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int):
-        raise DataError(f"{where}: label {str(value)[:40]!r} is not an integer class index")
+        raise DataError(f"{where}: label {str(value)[:40]!r} is not an integer class index or a class name")
     if not 0 <= value < num_labels:
         raise DataError(f"{where}: label {value} is outside 0..{num_labels - 1}; set model.num_labels to match the data")
     return value
 
 
-def classification_examples(records: list[dict], section: DataSection, tokenizer, num_labels: int) -> list[dict]:
+def classification_examples(records: list[dict], section: DataSection, tokenizer, num_labels: int,
+                            names: list[str] | None = None) -> list[dict]:
     if not records:  # an empty held-out split (data.test_size: 0): tokenizers reject an empty batch
         return []
     texts, labels = [], []
     for i, r in enumerate(records, 1):
         where = f"{section.source}, example {i}"
         texts.append(_as_text(_field(r, section.text_field, where), where))
-        labels.append(_as_label(_field(r, section.label_field, where), num_labels, where))
+        labels.append(_as_label(_field(r, section.label_field, where), num_labels, where, names))
     ids = tokenizer(texts, truncation=True, max_length=section.max_length)["input_ids"]
     return [{"input_ids": x, "labels": y} for x, y in zip(ids, labels)]
 
@@ -193,8 +220,10 @@ def text_blocks(documents: list[str], tokenizer, max_length: int) -> list[dict]:
 def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int = 2) -> TaskData:
     """Read, split and tokenise the data for `task` ("seq-cls" or "causal-lm")."""
     records = read_records(section)
+    names = None
     if task == "seq-cls":
-        train, val, test = (classification_examples(part, section, tokenizer, num_labels) for part in _split(records, section))
+        names = label_names_of(records, section, num_labels)
+        train, val, test = (classification_examples(part, section, tokenizer, num_labels, names) for part in _split(records, section))
     elif section.prompt_field:
         train, val, test = (completion_examples(part, section, tokenizer) for part in _split(records, section))
     else:
@@ -211,4 +240,4 @@ def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int =
             f"(for running text, is it shorter than one block of {section.max_length} tokens?)"
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return TaskData(task, train, val, test, pad)
+    return TaskData(task, train, val, test, pad, names)

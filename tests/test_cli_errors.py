@@ -58,7 +58,8 @@ def test_model_path_missing(capsys, tmp_path):
         ('{"txt": "a", "label": 1}\n' * 10, "field 'text' is missing"),
         ('{"text": "a"}\n' * 10, "field 'label' is missing"),
         ('{"text": "a", "label": 3}\n' * 10, "label 3 is outside 0..1"),
-        ('{"text": "a", "label": "pos"}\n' * 10, "not an integer class index"),
+        ('{"text": "a", "label": "pos"}\n' * 10, "1 class name(s) (pos) but model.num_labels is 2"),
+        ('{"text": "a", "label": [1]}\n' * 10, "not an integer class index or a class name"),
         (b"\xff\xfe\x00bad", "not UTF-8"),
     ],
 )

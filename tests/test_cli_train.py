@@ -159,3 +159,34 @@ def test_peft_copy_names_a_base_that_loaders_can_open(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert embedded.loadable_name("folder") == str(tmp_path / "folder")
     assert embedded.loadable_name("org/model-on-the-hub") == "org/model-on-the-hub"
+
+
+def test_text_labels_are_named_classes_through_training_and_export(tmp_path, tiny_bert_dir, capsys):
+    from qelalora.export.runtime import EdgeModel
+
+    names = ["negative", "neutral", "positive"]
+    rows = [{"text": f"{'good great' if i % 3 == 2 else 'bad awful' if i % 3 == 0 else 'plain'} film {i}", "label": names[i % 3]}
+            for i in range(120)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, data, model={"num_labels": 3}, train={"steps": 16})
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "-r", str(recipe), "-o", str(run), "--no-progress")
+    assert code == 0, err
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    code, _, err = run_cli(capsys, "export", str(run), "--format", "merged-fp32", "-o", str(tmp_path / "onnx"))
+    assert code == 0, err
+    config = json.loads((tmp_path / "onnx" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"} and config["label2id"]["neutral"] == 1
+    (result,) = EdgeModel(tmp_path / "onnx").classify(["good great film"])
+    assert result["name"] == names[result["label"]]
+
+    # an explicit order wins over the sorted one, and a name outside it is a clear error
+    recipe = write_recipe(tmp_path / "r2.yaml", tiny_bert_dir, data, model={"num_labels": 3}, train={"steps": 16})
+    order = "data.label_names=[positive, neutral, negative]"
+    code, _, err = run_cli(capsys, "train", "-r", str(recipe), "-o", str(tmp_path / "run2"), "--no-progress", "--set", order)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run2" / "adapter" / "adapter_config.json").read_text())["id2label"]["0"] == "positive"
+    code, _, err = run_cli(capsys, "train", "-r", str(recipe), "-o", str(tmp_path / "run3"), "--no-progress",
+                           "--set", "data.label_names=[a, b, c]")
+    assert code == 2 and "not in data.label_names" in err
