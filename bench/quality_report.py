@@ -240,7 +240,10 @@ def variant_table(results: list[dict], baseline: str = "lora") -> list[str]:
         if "error" not in r and r.get("repeat", 0) == 0:
             groups[(r["task"], r["rank"], r.get("split", "test"), r["steps"])][run_label(r)][r["seed"]] = r
     lines = []
+    requested = baseline
     for (task, rank, split, steps), labels in sorted(groups.items()):
+        # PEFT LoRA as run in this group: plain, or at equal bytes (`lora[eqbytes]`)
+        baseline = requested if requested in labels else next((lb for lb in labels if lb.startswith(requested + "[")), requested)
         metric = next(iter(next(iter(labels.values())).values()))["metric_name"]
         scale = 100 if metric == "accuracy" else 1
         sign = -1 if HIGHER_IS_BETTER[metric] else 1
