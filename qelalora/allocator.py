@@ -112,6 +112,10 @@ def _growth_order(layers: Sequence[LayerView], pool: list[_Candidate]) -> list[i
     return [c.layer for c in sorted(pool, key=key) + sorted(rest, key=key)]
 
 
+def _one_more_triplet_bytes(shape: LayerShape, rank: int, opt: StateCost) -> int:
+    return layer_bytes(shape.d_in, shape.d_out, rank + 1, opt) - layer_bytes(shape.d_in, shape.d_out, rank, opt)
+
+
 def plan_round(
     layers: Sequence[LayerView],
     b: int,
@@ -141,7 +145,8 @@ def plan_round(
         return plan
 
     ascending = sorted(pool, key=lambda c: (c.score, c.layer, c.triplet))
-    for cand in [c for c in ascending if c.prunable][:b]:
+    pruned = [c for c in ascending if c.prunable][:b]
+    for cand in pruned:
         plan.prune.setdefault(cand.layer, []).append(cand.triplet)
     for triplets in plan.prune.values():
         triplets.sort()
@@ -158,9 +163,7 @@ def plan_round(
             shape = shapes[li]
             if li in plan.prune or plan.grow.get(li, 0) >= k or new_ranks[li] >= shape.max_rank:
                 continue
-            extra = layer_bytes(shape.d_in, shape.d_out, new_ranks[li] + 1, opt) - layer_bytes(
-                shape.d_in, shape.d_out, new_ranks[li], opt
-            )
+            extra = _one_more_triplet_bytes(shape, new_ranks[li], opt)
             if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
                 continue
             used += extra
@@ -172,13 +175,10 @@ def plan_round(
             break
     # A slot no layer could take goes back to the triplet it came from, strongest pruned first: a round never
     # lowers total rank just because the pruned layers were the only ones able to grow.
-    for cand in reversed([c for c in ascending if c.prunable][:b]):
+    for cand in reversed(pruned):
         if slots == 0:
             break
-        shape = shapes[cand.layer]
-        extra = layer_bytes(shape.d_in, shape.d_out, new_ranks[cand.layer] + 1, opt) - layer_bytes(
-            shape.d_in, shape.d_out, new_ranks[cand.layer], opt
-        )
+        extra = _one_more_triplet_bytes(shapes[cand.layer], new_ranks[cand.layer], opt)
         if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
             continue
         used += extra

@@ -97,9 +97,6 @@ class ModelError(UserError):
     """The model cannot be loaded or adapted as asked."""
 
 
-TASKS = ("auto", "causal-lm", "seq-cls")
-
-
 def arch_spec(config, task: str = "auto") -> ArchSpec:
     """The table's spec for a known architecture; for any other, one discovered from the model itself."""
     known = ARCHITECTURES.get(config.model_type)

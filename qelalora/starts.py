@@ -55,11 +55,10 @@ def orthogonal_unit_rows(existing: torch.Tensor, n: int, generator: torch.Genera
     return torch.stack(rows).float()
 
 
-def _drawn(like: torch.Tensor, generator: torch.Generator | None, draw) -> torch.Tensor:
-    """Random values for `like`, drawn on the generator's device (the seeded generator is a CPU one, while the
-    layer may live on CUDA, and torch refuses a CPU generator for a CUDA tensor)."""
-    device = generator.device if generator is not None else like.device
-    return draw(torch.empty(like.shape, dtype=torch.float32, device=device))
+def _empty_like_on(generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """A tensor shaped like `like` on the generator's device, to draw into and copy over: the seeded generator
+    is a CPU one, the layer may live on CUDA, and torch refuses a CPU generator for a CUDA tensor."""
+    return torch.empty(like.shape, dtype=torch.float32, device=generator.device if generator is not None else like.device)
 
 
 @torch.no_grad()
@@ -67,8 +66,8 @@ def initialise(layer, start: str, generator: torch.Generator | None, init_std: f
     """Set a freshly built layer's A, E, B for `start` (`residual` starts orthonormal until `apply_residual`)."""
     a, e, b = layer.lora_A, layer.lora_E, layer.lora_B
     if start == "gaussian":
-        a.copy_(_drawn(a, generator, lambda t: t.normal_(0.0, init_std, generator=generator)))
-        b.copy_(_drawn(b, generator, lambda t: t.normal_(0.0, init_std, generator=generator)))
+        a.copy_(_empty_like_on(generator, a).normal_(0.0, init_std, generator=generator))
+        b.copy_(_empty_like_on(generator, b).normal_(0.0, init_std, generator=generator))
         e.zero_()
     elif start in ("orthonormal", "residual"):
         g = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -78,7 +77,7 @@ def initialise(layer, start: str, generator: torch.Generator | None, init_std: f
         e.zero_()
     elif start == "lora":
         bound = 1 / math.sqrt(a.shape[1])
-        a.copy_(_drawn(a, generator, lambda t: t.uniform_(-bound, bound, generator=generator)))
+        a.copy_(_empty_like_on(generator, a).uniform_(-bound, bound, generator=generator))
         b.zero_()
         e.fill_(1.0)
     else:
