@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from qelalora.checkpoint import write_json_atomic
-from qelalora.records import load_task_data
 from qelalora.errors import RunDirError, UserError
 
 from . import graphs, parity
@@ -73,8 +72,7 @@ def write_adapter_file(run: TrainedRun, path: Path) -> dict[str, int]:
 
 def _calibration_rows(run: TrainedRun) -> list[list[int]]:
     """Token rows for calibrating quantisers: a seeded sample of the run's own training examples."""
-    data = load_task_data(run.recipe.data, run.task, run.tokenizer, run.recipe.model.num_labels)
-    return [e["input_ids"] for e in seeded_sample(data.train, CALIBRATION_EXAMPLES)]
+    return [e["input_ids"] for e in seeded_sample(run.data.train, CALIBRATION_EXAMPLES)]
 
 
 def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: WeightOnly) -> None:
@@ -151,7 +149,7 @@ def export_run(
             "task": run.task,
             "base_model": run.recipe.model.name,
             "num_labels": run.recipe.model.num_labels if run.task == "seq-cls" else None,
-            "label_names": _label_names(run),
+            "label_names": run.label_names,
             "eos_token_id": run.tokenizer.eos_token_id,
             "pad_token_id": pad,
             "data": run.recipe.to_dict()["data"],
@@ -174,12 +172,6 @@ def export_run(
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
     return info
-
-
-def _label_names(run) -> list[str] | None:
-    """Class names in id order when the run's data named its classes (else None: the labels are indices)."""
-    id2label = json.loads((run.run_dir / "adapter" / "adapter_config.json").read_text()).get("id2label")
-    return [id2label[str(i)] for i in range(len(id2label))] if id2label else None
 
 
 def _edge_config(run):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from qelalora import embedded
 from qelalora.adapter_io import load_adapter
-from qelalora.records import load_task_data
+from qelalora.records import TaskData, load_task_data
 from qelalora.errors import RunDirError
 from qelalora.layer import ElaLoRALinear
 from qelalora.models import ArchSpec, load_base_model
@@ -33,10 +34,16 @@ class TrainedRun:
     layers: dict[str, ElaLoRALinear]
     tokenizer: object
     model_path: str
+    label_names: list[str] | None = None  # class names in id order, when the training data named its classes
 
     @property
     def task(self) -> str:
         return self.spec.task
+
+    @cached_property
+    def data(self) -> TaskData:
+        """The run's data, split and tokenised as in training (once: held-out samples and calibration share it)."""
+        return load_task_data(self.recipe.data, self.task, self.tokenizer, self.recipe.model.num_labels)
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -56,14 +63,15 @@ def load_trained(run_dir: Path) -> TrainedRun:
                                   task=recipe.model.task)
     layers = load_adapter(model, run_dir / "adapter")
     id2label = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("id2label")
-    if id2label:  # class names from the training data
-        model.config.id2label = {int(i): n for i, n in id2label.items()}
-        model.config.label2id = {n: int(i) for i, n in id2label.items()}
+    names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
+    if names:  # class names from the training data
+        model.config.id2label = dict(enumerate(names))
+        model.config.label2id = {n: i for i, n in enumerate(names)}
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return TrainedRun(run_dir, recipe, model, spec, layers, tokenizer, path)
+    return TrainedRun(run_dir, recipe, model, spec, layers, tokenizer, path, names)
 
 
 def seeded_sample(items: list, n: int, seed: int = 0) -> list:
@@ -76,5 +84,5 @@ def seeded_sample(items: list, n: int, seed: int = 0) -> list:
 def heldout_examples(run: TrainedRun, limit: int = 32) -> list[dict]:
     """A seeded random sample of up to `limit` tokenised examples of the run's test split (its validation
     split if that is empty): the whole split, not its first rows, speaks for it."""
-    data = load_task_data(run.recipe.data, run.task, run.tokenizer, run.recipe.model.num_labels)
+    data = run.data
     return seeded_sample(data.test or data.val or data.train, limit)

@@ -162,9 +162,9 @@ def label_names_of(records: list[dict], section: DataSection, num_labels: int) -
     return names
 
 
-def _as_label(value, num_labels: int, where: str, names: list[str] | None = None) -> int:
-    if names is not None and isinstance(value, str) and value in names:
-        return names.index(value)
+def _as_label(value, num_labels: int, where: str, ids: dict[str, int] | None = None) -> int:
+    if ids and isinstance(value, str) and value in ids:
+        return ids[value]
     if isinstance(value, bool):
         value = int(value)
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
@@ -183,10 +183,11 @@ def classification_examples(records: list[dict], section: DataSection, tokenizer
     if not records:  # an empty held-out split (data.test_size: 0): tokenizers reject an empty batch
         return []
     texts, labels = [], []
+    ids = {n: i for i, n in enumerate(names)} if names else None
     for i, r in enumerate(records, 1):
         where = f"{section.source}, example {i}"
         texts.append(_as_text(_field(r, section.text_field, where), where))
-        labels.append(_as_label(_field(r, section.label_field, where), num_labels, where, names))
+        labels.append(_as_label(_field(r, section.label_field, where), num_labels, where, ids))
     ids = tokenizer(texts, truncation=True, max_length=section.max_length)["input_ids"]
     return [{"input_ids": x, "labels": y} for x, y in zip(ids, labels)]
 
