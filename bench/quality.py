@@ -134,7 +134,7 @@ def _status_kib(field: str) -> int:
 
 def _load_data(cell: Cell, recipe, tokenizer, spec):
     """Tokenised train and held-out (cell.split) examples; the causal-LM blocks are cached (tokenising the docs takes a while)."""
-    from qelalora.records import load_task_data
+    from qelalora.run.records import load_task_data
 
     if spec.task == "seq-cls":
         data = load_task_data(recipe.data, spec.task, tokenizer, recipe.model.num_labels)
@@ -157,7 +157,7 @@ def _load_data(cell: Cell, recipe, tokenizer, spec):
 
 def _schedule_steps(t: dict) -> tuple[int, int, int, int]:
     """(LR warm-up, rank warm-up, stabilisation, round interval) in steps, shared by every method."""
-    from qelalora.config import steps_of
+    from qelalora.method.config import steps_of
 
     return steps_of(t["warmup"], t["steps"]), steps_of(t["t_init"], t["steps"]), steps_of(t["t_final"], t["steps"]), t["delta"]
 
@@ -166,7 +166,7 @@ def elalora_config(cell: Cell, t: dict):
     """qelalora's settings for a cell: its defaults, then the variant's changes, then the task's schedule."""
     from dataclasses import replace
 
-    from qelalora.config import PRESETS, ElaLoRAConfig, steps_of
+    from qelalora.method.config import PRESETS, ElaLoRAConfig, steps_of
     from variants import VARIANTS
 
     options = dict(VARIANTS[cell.variant]) if cell.variant else {}
@@ -187,8 +187,8 @@ class ElaLoRAMethod:
     """qelalora's own training state, with the ablation switches the bench needs."""
 
     def __init__(self, cell: Cell, model, spec, paths, t: dict, weights_from: str):
-        from qelalora.models import head_params
-        from qelalora.training import prepare_training, train_step
+        from qelalora.base.models import head_params
+        from qelalora.run.training import prepare_training, train_step
 
         self._train_step = train_step
         warmup = _schedule_steps(t)[0]
@@ -260,8 +260,8 @@ class ElaLoRAMethod:
 def lora_rank_for_bytes(shapes, rank: int) -> int:
     """The LoRA rank whose training state (fp32 weights, gradients, two AdamW moments) fills the adapter
     state of qelalora's default settings at `rank` on the same layers (at least `rank`)."""
-    from qelalora.budget import StateCost, layer_bytes, tensor_train_bytes
-    from qelalora.config import ElaLoRAConfig
+    from qelalora.method.budget import StateCost, layer_bytes, tensor_train_bytes
+    from qelalora.method.config import ElaLoRAConfig
 
     default = ElaLoRAConfig()
     ours = sum(layer_bytes(s.d_in, s.d_out, rank, StateCost(default.optimizer, default.score_state)) for s in shapes)
@@ -281,8 +281,8 @@ class PeftMethod:
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
         from transformers import get_linear_schedule_with_warmup
 
-        from qelalora.models import head_params
-        from qelalora.training import target_shapes
+        from qelalora.base.models import head_params
+        from qelalora.run.training import target_shapes
 
         torch.manual_seed(cell.seed)
         heads = head_params(model, spec)
@@ -395,10 +395,10 @@ def run_cell(cell: Cell, threads: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from qelalora import embedded
-    from qelalora.data import BatchStream, evaluate
-    from qelalora.models import load_base_model, target_paths
-    from qelalora.recipe import load_recipe
+    from qelalora.base import embedded
+    from qelalora.run.data import BatchStream, evaluate
+    from qelalora.base.models import load_base_model, target_paths
+    from qelalora.run.recipe import load_recipe
 
     torch.set_num_threads(threads)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

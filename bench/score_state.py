@@ -46,7 +46,7 @@ class Shadow:
         return getattr(self, f"{name}_ibar"), getattr(self, f"{name}_ubar")
 
     def follow(self, removed: list[int], n_new: int) -> None:
-        from qelalora.layer import score_dim
+        from qelalora.method.layer import score_dim
 
         for name in ("lora_A", "lora_E", "lora_B"):
             for kind in ("ibar", "ubar"):
@@ -72,14 +72,14 @@ def _jaccard(a: set, b: set) -> float:
 def run(task: str, rank: int, seed: int) -> dict:
     from transformers import AutoTokenizer
 
-    from qelalora import embedded
-    from qelalora.allocator import LayerView, plan_round
-    from qelalora.budget import StateCost, layer_bytes
-    from qelalora.data import BatchStream
-    from qelalora.importance import triplet_scores, update_importance
-    from qelalora.models import head_params, load_base_model, target_paths
-    from qelalora.recipe import load_recipe
-    from qelalora.training import prepare_training, train_step
+    from qelalora.base import embedded
+    from qelalora.method.allocator import LayerView, plan_round
+    from qelalora.method.budget import StateCost, layer_bytes
+    from qelalora.run.data import BatchStream
+    from qelalora.method.importance import triplet_scores, update_importance
+    from qelalora.base.models import head_params, load_base_model, target_paths
+    from qelalora.run.recipe import load_recipe
+    from qelalora.run.training import prepare_training, train_step
 
     t = TASKS[task]
     cell = Cell(task, "elalora", rank, seed, variant="", split="val")

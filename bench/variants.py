@@ -1,6 +1,6 @@
 """Every qelalora configuration the quality bench has tried, and the suites that run them.
 
-A variant is a set of changes to `qelalora.config.ElaLoRAConfig`'s defaults
+A variant is a set of changes to `qelalora.method.config.ElaLoRAConfig`'s defaults
 (`preset` expands to that preset's values first). For the `lora` method the
 only variant is `eqbytes`: LoRA gets the rank whose training state fills the
 bytes of qelalora's default at the cell's rank. Variants are never deleted,
@@ -88,8 +88,15 @@ def confirm_long():
     return _cells("minilm", pair, [8, 2], [0, 1], steps=2000) + _cells("smollm2", pair, [4], [0, 1], steps=300)
 
 
+def sweep_lr():
+    """The base learning rate for the shipped defaults (only the E/B multipliers were swept before), validation
+    split, seed 0; PEFT LoRA's own sweep (1e-3, 2e-3, 4e-3) is in sweep1, its 5e-4 cell beside these."""
+    cells = [c for lr in (5e-4, 1.5e-3, 2e-3) for c in _cells("minilm", [("elalora", "")], [2, 8], [0], split="val", lr=lr)]
+    return cells + _cells("minilm", [("lora", "")], [2, 8], [0], split="val", lr=5e-4)
+
+
 def sweep():
     return sweep1() + sweep2() + sweep_smollm2()
 
 
-SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep, "confirm": confirm, "confirm_long": confirm_long}
+SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep, "sweep_lr": sweep_lr, "confirm": confirm, "confirm_long": confirm_long}

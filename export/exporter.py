@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qelalora.checkpoint import write_json_atomic
+from qelalora.run.checkpoint import write_json_atomic
 from qelalora.errors import RunDirError, UserError
 
 from . import graphs, parity
@@ -34,7 +34,7 @@ ADAPTER_FILE = "adapter.onnx_adapter"
 
 
 def _example_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    from qelalora.data import collate
+    from qelalora.run.data import collate
 
     batch = collate(examples[:2], pad_id)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qelalora.layer import ElaLoRALinear, dequantized_base_weight
+from qelalora.method.layer import ElaLoRALinear, dequantized_base_weight
 
 NF4, FP4 = 1, 0  # MatMulBnb4's quant_type attribute
 

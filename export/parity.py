@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from qelalora.data import collate, evaluate
+from qelalora.run.data import collate, evaluate
 from qelalora.errors import UserError
 
 # Max |logit difference| allowed per format, per unit of the largest |logit| (at least 1): a 30-layer

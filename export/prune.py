@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from qelalora.layer import ElaLoRALinear
-from qelalora.resizer import resize_layer
+from qelalora.method.layer import ElaLoRALinear
+from qelalora.method.resizer import resize_layer
 
 DEFAULT_THRESHOLD = 1e-6
 FP32 = 4

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
-from qelalora import embedded
-from qelalora.adapter_io import load_adapter
-from qelalora.records import TaskData, load_task_data
+from qelalora.base import embedded
+from qelalora.run.adapter_io import load_adapter
+from qelalora.run.records import TaskData, load_task_data
 from qelalora.errors import RunDirError
-from qelalora.layer import ElaLoRALinear
-from qelalora.models import ArchSpec, load_base_model
-from qelalora.recipe import Recipe, recipe_from_dict, read_yaml
+from qelalora.method.layer import ElaLoRALinear
+from qelalora.base.models import ArchSpec, load_base_model
+from qelalora.run.recipe import Recipe, recipe_from_dict, read_yaml
 
 NEEDED = ("recipe.yaml", "adapter/adapter.safetensors", "adapter/adapter_config.json")
 

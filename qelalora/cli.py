@@ -79,8 +79,8 @@ def train(
 
       qelalora train --resume runs/mine
     """
-    from .job import run_train
-    from .recipe import load_recipe
+    from .run.job import run_train
+    from .run.recipe import load_recipe
 
     _quiet_libraries()
     if resume is not None:
@@ -110,8 +110,8 @@ def plan(
 
       qelalora plan -r llama-3.1-8b --budget-mb 512 --json
     """
-    from .job import memory_plan
-    from .recipe import load_recipe
+    from .run.job import memory_plan
+    from .run.recipe import load_recipe
 
     _quiet_libraries()
     result = memory_plan(load_recipe(recipe, _overrides(set_, budget_mb, model=model)))
@@ -124,7 +124,7 @@ def recipes_list():
 
     Example: qelalora recipes list
     """
-    from .recipe import load_recipe, shipped_recipes
+    from .run.recipe import load_recipe, shipped_recipes
 
     for name in sorted(shipped_recipes()):
         r = load_recipe(name)
@@ -137,7 +137,7 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Recipe name or YAML f
 
     Example: qelalora recipes show minilm-l6-rotten-tomatoes
     """
-    from .recipe import dump_recipe, load_recipe
+    from .run.recipe import dump_recipe, load_recipe
 
     typer.echo(dump_recipe(load_recipe(name)))
 
@@ -148,7 +148,7 @@ def recipes_validate(paths: Annotated[list[str], typer.Argument(help="Recipe nam
 
     Example: qelalora recipes validate my.yaml recipes/*.yaml
     """
-    from .recipe import load_recipe
+    from .run.recipe import load_recipe
 
     bad = 0
     for p in paths:
@@ -169,7 +169,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder."
     Example: qelalora report runs/minilm-l6-rotten-tomatoes-20261129-120000
     """
     from .errors import RunDirError
-    from .report import load_json, plot_ranks
+    from .run.report import load_json, plot_ranks
 
     needed = ["report.json", "rank_pattern.json", "memory.json"]
     missing = [n for n in needed if not (run_dir / n).is_file()]
@@ -280,8 +280,8 @@ def evaluate_onnx(
       qelalora eval edge/model --data reviews.csv --split test --limit 500
     """
     from .export.runtime import EdgeModel
-    from .recipe import DataSection
-    from .records import load_task_data
+    from .run.recipe import DataSection
+    from .run.records import load_task_data
 
     model = EdgeModel(onnx_dir)
     if adapter is not None:

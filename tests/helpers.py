@@ -3,7 +3,7 @@
 import torch
 import torch.nn as nn
 
-from qelalora.layer import ElaLoRALinear
+from qelalora.method.layer import ElaLoRALinear
 
 
 def lm_batches(vocab: int, batch: int = 4, seq: int = 16, seed: int = 1):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from qelalora.allocator import LayerView, Schedule, plan_round
-from qelalora.budget import LayerShape, StateCost, adapter_bytes, layer_bytes
+from qelalora.method.allocator import LayerView, Schedule, plan_round
+from qelalora.method.budget import LayerShape, StateCost, adapter_bytes, layer_bytes
 
 ADAMW = StateCost("adamw")
 BIG = 10**12

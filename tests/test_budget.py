@@ -1,6 +1,6 @@
 import pytest
 
-from qelalora.budget import BudgetError, LayerShape, StateCost, layer_bytes, plan_initial_rank
+from qelalora.method.budget import BudgetError, LayerShape, StateCost, layer_bytes, plan_initial_rank
 
 ADAMW = StateCost("adamw")
 

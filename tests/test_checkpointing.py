@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from qelalora.config import ElaLoRAConfig
-from qelalora.models import head_params, load_base_model, target_paths
-from qelalora.training import prepare_training
+from qelalora.method.config import ElaLoRAConfig
+from qelalora.base.models import head_params, load_base_model, target_paths
+from qelalora.run.training import prepare_training
 from tests.cli_helpers import run_cli
 from tests.helpers import cls_batches, hf_loss, lm_batches
 

@@ -121,7 +121,7 @@ def test_unreachable_hub_fails_fast_without_retries(capsys, monkeypatch):
     import huggingface_hub.constants
     import transformers.utils.hub
 
-    from qelalora import hub
+    from qelalora.base import hub
 
     # restored after the test: the process-wide offline switches the command flips
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

@@ -8,8 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qelalora.adapter_io import load_adapter
-from qelalora.models import load_base_model
+from qelalora.run.adapter_io import load_adapter
+from qelalora.base.models import load_base_model
 from tests.cli_helpers import run_cli, write_cls_data, write_lm_data, write_recipe
 
 RUN_FILES = {
@@ -152,7 +152,7 @@ def test_train_without_held_out_splits(causal, tmp_path, tiny_bert_dir, tiny_lla
 
 
 def test_peft_copy_names_a_base_that_loaders_can_open(tmp_path, monkeypatch):
-    from qelalora import embedded
+    from qelalora.base import embedded
 
     assert (Path(embedded.loadable_name("embedded:minilm-l6")) / "config.json").is_file()
     (tmp_path / "folder").mkdir()

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qelalora.layer import ElaLoRALinear, dequantized_base_weight
-from qelalora.models import head_params, load_base_model, target_paths, wrap_linears
+from qelalora.method.layer import ElaLoRALinear, dequantized_base_weight
+from qelalora.base.models import head_params, load_base_model, target_paths, wrap_linears
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -82,7 +82,7 @@ def test_rank_zero_layer_is_just_the_base():
     torch.manual_seed(2)
     base = nn.Linear(8, 8)
     layer = ElaLoRALinear(base, rank=2, alpha=4.0)
-    from qelalora.resizer import resize_layer
+    from qelalora.method.resizer import resize_layer
 
     resize_layer(layer, [0, 1], 0, None, torch.Generator().manual_seed(0))
     assert layer.rank == 0 and layer.lora_A.shape == (0, 8) and layer.lora_B.shape == (8, 0)

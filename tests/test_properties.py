@@ -5,10 +5,10 @@ import torch.nn as nn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qelalora.allocator import LayerView, plan_round
-from qelalora.budget import LayerShape, StateCost, adapter_bytes, layer_bytes
-from qelalora.layer import ElaLoRALinear
-from qelalora.resizer import resize_layer
+from qelalora.method.allocator import LayerView, plan_round
+from qelalora.method.budget import LayerShape, StateCost, adapter_bytes, layer_bytes
+from qelalora.method.layer import ElaLoRALinear
+from qelalora.method.resizer import resize_layer
 
 ADAMW = StateCost("adamw")
 

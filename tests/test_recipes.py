@@ -1,7 +1,7 @@
 import pytest
 
 from qelalora.errors import RecipeError
-from qelalora.recipe import apply_overrides, load_recipe, load_recipe_raw, recipe_from_dict, shipped_recipes
+from qelalora.run.recipe import apply_overrides, load_recipe, load_recipe_raw, recipe_from_dict, shipped_recipes
 
 LLAMA = {"llama-3.2-1b", "llama-3.1-8b", "tinyllama-1.1b", "smollm2-135m-python-docs"}
 BERT = {"bert-base-uncased", "distilbert-base-uncased", "roberta-base", "deberta-v3-base", "minilm-l6-rotten-tomatoes"}

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qelalora import checkpoint as ckpt
+from qelalora.run import checkpoint as ckpt
 from qelalora.errors import UserError
-from qelalora.recipe import recipe_from_dict
+from qelalora.run.recipe import recipe_from_dict
 from tests.cli_helpers import run_cli, write_cls_data, write_recipe
 
 FUZZ_CASES = {"recipe": 300, "recipe_text": 300, "data": 200, "metadata": 100}
@@ -58,7 +58,7 @@ def test_output_folder_not_writable(capsys, tmp_path, bert_recipe):
 
 
 def test_out_of_memory_gives_advice(capsys, tmp_path, bert_recipe, monkeypatch):
-    from qelalora import job
+    from qelalora.run import job
 
     real = job.train_step
 
@@ -108,7 +108,7 @@ def test_fuzzed_recipes_end_in_a_clear_error_or_a_valid_recipe(raw):
     st.just("train: {steps: 1e999, lr: .nan}"),
 ))
 def test_fuzzed_recipe_files(tmp_path, text):
-    from qelalora.recipe import load_recipe
+    from qelalora.run.recipe import load_recipe
 
     path = tmp_path / "fuzz.yaml"
     path.write_bytes(text.encode("utf-8", "surrogatepass"))
@@ -139,8 +139,8 @@ class _SplitTokenizer:
         lambda rows: ("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows)).encode("utf-8", "surrogatepass")),
 ), st.sampled_from(["seq-cls", "causal-lm"]))
 def test_fuzzed_data_files(tmp_path, suffix, content, task):
-    from qelalora.recipe import DataSection
-    from qelalora.records import load_task_data
+    from qelalora.run.recipe import DataSection
+    from qelalora.run.records import load_task_data
 
     path = tmp_path / f"data{suffix}"
     path.write_bytes(content)
@@ -185,7 +185,7 @@ def test_no_pickle_anywhere_in_the_product():
 
 
 def test_trust_remote_code_is_off_by_default_and_announced(capsys, tiny_bert_dir):
-    from qelalora.recipe import load_recipe
+    from qelalora.run.recipe import load_recipe
 
     assert load_recipe(None).model.trust_remote_code is False
     code, out, _ = run_cli(capsys, "plan", "--model", tiny_bert_dir, "--set", "model.trust_remote_code=true",

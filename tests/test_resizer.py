@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from qelalora.allocator import RoundPlan
-from qelalora.resizer import apply_plan, resize_layer
-from qelalora.starts import NEW_TRIPLET_E, orthogonal_unit_rows
-from qelalora.training import build_optimizer
+from qelalora.method.allocator import RoundPlan
+from qelalora.method.resizer import apply_plan, resize_layer
+from qelalora.method.starts import NEW_TRIPLET_E, orthogonal_unit_rows
+from qelalora.run.training import build_optimizer
 from tests.helpers import plain_layer
 
 

@@ -21,9 +21,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .checkpoint import write_json_atomic
-from .errors import RunDirError
-from .layer import ADAPTER_TENSORS, ElaLoRALinear
-from .models import wrap_linears
+from ..errors import RunDirError
+from ..method.layer import ADAPTER_TENSORS, ElaLoRALinear
+from ..base.models import wrap_linears
 
 ADAPTER_FORMAT = "qelalora-elalora-1"
 

@@ -4,7 +4,7 @@ The `nn.Parameter` objects stay the same (`p.data` is replaced), so the
 optimiser, its param groups and the LR scheduler never notice a round.
 Surviving triplets keep their values and moments exactly; a new triplet is
 function-preserving (what it looks like depends on the layer's start, see
-`qelalora.starts`), with `exp_avg = 0` and `exp_avg_sq` = the mean of the
+`qelalora.method.starts`), with `exp_avg = 0` and `exp_avg_sq` = the mean of the
 tensor's surviving second moments, so its first steps are no larger than its
 neighbours', and score EMAs at zero.
 Handles torch's Adam/AdamW (plain, foreach, fused) and bitsandbytes' 8-bit

@@ -1,7 +1,7 @@
 """Rank decisions: when a round runs, and which triplets go or come (spec 3-5).
 
 Pure: every function here reads scores and shapes and returns a plan; nothing
-touches a model or an optimiser (`qelalora.resizer` applies plans). Ties are
+touches a model or an optimiser (`qelalora.method.resizer` applies plans). Ties are
 broken by (layer index, triplet index), so every process of a distributed run
 that holds the same scores makes the same plan.
 """

@@ -121,7 +121,7 @@ def full_precision_weights(name_or_path: str, paths: Sequence[str], prefix: str)
     """
     from safetensors import safe_open
 
-    from .errors import UserError
+    from ..errors import UserError
 
     files = _weight_files(_local_folder(name_or_path))
     if not files:

@@ -3,11 +3,11 @@
     h = W0 x + b + s * B diag(E) A x,    s = alpha / r0  (or alpha / sqrt(r0))
 
 The rank r is the number of triplets (row A[i], E[i], column B[:, i]). It
-changes only through `qelalora.resizer`, which replaces the tensors behind the
+changes only through `qelalora.method.resizer`, which replaces the tensors behind the
 same `nn.Parameter` objects, so optimisers keep tracking them. The layer also
 holds the importance-score EMAs of its adapter tensors (per element, or per
 triplet: see `StateCost`), so that they move with the module and are resized
-with it. Where the triplets start is `qelalora.starts`' job.
+with it. Where the triplets start is `qelalora.method.starts`' job.
 """
 
 from __future__ import annotations

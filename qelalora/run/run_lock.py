@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from .errors import RunDirError
+from ..errors import RunDirError
 
 LOCK_NAME = ".qelalora.lock"
 

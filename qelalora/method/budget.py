@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SCORE_STATES
-from .errors import UserError
+from ..errors import UserError
 from .layer import ADAPTER_TENSORS, ElaLoRALinear
 
 FP32 = 4

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .budget import LayerShape, RankPlan, StateCost, head_bytes, plan_initial_rank
-from .config import ElaLoRAConfig
-from .elastic import ElasticRanks
-from .layer import ElaLoRALinear, base_weight_shape
-from .models import wrap_linears
-from .starts import apply_residual, full_precision_weights
+from ..method.budget import LayerShape, RankPlan, StateCost, head_bytes, plan_initial_rank
+from ..method.config import ElaLoRAConfig
+from ..method.elastic import ElasticRanks
+from ..method.layer import ElaLoRALinear, base_weight_shape
+from ..base.models import wrap_linears
+from ..method.starts import apply_residual, full_precision_weights
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 

@@ -3,7 +3,7 @@
 Used by training and by the ONNX Runtime edge path (which must not import torch).
 
 Sources: JSONL, CSV and plain-text files, and the built-in sets of
-`qelalora.embedded` (Rotten Tomatoes; Python docs; Python stdlib source).
+`qelalora.base.embedded` (Rotten Tomatoes; Python docs; Python stdlib source).
 
 Splits are fixed by `data.split_seed`: examples (or, for running text,
 documents) are shuffled with Python's seeded `random.Random`, then the first `test_size`
@@ -22,8 +22,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import embedded
-from .errors import DataError
+from ..base import embedded
+from ..errors import DataError
 from .recipe import DataSection
 
 BUILTIN = ("rotten-tomatoes", "python-docs", "python-stdlib")

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .errors import UserError
-from .layer import ElaLoRALinear
+from ..errors import UserError
+from ..method.layer import ElaLoRALinear
 
 
 @dataclass(frozen=True)

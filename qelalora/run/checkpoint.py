@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .layer import ADAPTER_TENSORS
+from ..errors import UserError
+from ..method.layer import ADAPTER_TENSORS
 from .training import TrainState
 
 

@@ -26,11 +26,11 @@ PRESETS: dict[str, dict] = {
     },
 }
 # The choices of the method keys (kept here, torch-free, so recipes validate without torch).
-STARTS = ("gaussian", "orthonormal", "lora", "residual")  # see qelalora.starts
+STARTS = ("gaussian", "orthonormal", "lora", "residual")  # see qelalora.method.starts
 SCALINGS = ("rank", "sqrt-rank")
 REGULARISER_FORMS = ("plain", "squared", "rank-normalised")
 GAMMA_DECAYS = ("none", "linear")
-SCORE_STATES = ("element", "element-bf16", "triplet")  # see qelalora.importance
+SCORE_STATES = ("element", "element-bf16", "triplet")  # see qelalora.method.importance
 
 
 @dataclass
@@ -46,7 +46,7 @@ class ElaLoRAConfig:
     alpha: float = 16.0  # s = alpha / r0 (or alpha / sqrt(r0), see scaling)
     scaling: str = "rank"  # rank: s = alpha / r0; sqrt-rank: s = alpha / sqrt(r0) (rsLoRA)
     dropout: float = 0.0
-    init: str = "lora"  # lora (B = 0, E = 1) | gaussian (the paper's) | orthonormal | residual (qelalora.starts)
+    init: str = "lora"  # lora (B = 0, E = 1) | gaussian (the paper's) | orthonormal | residual (qelalora.method.starts)
     init_std: float = 0.02  # the gaussian start's standard deviation
     k: int = 2  # candidates per layer per round, and the most a layer can gain in one round
     b0: int = 4  # triplets pruned per round at the start of the adjustment phase

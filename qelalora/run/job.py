@@ -19,16 +19,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import adapter_io, embedded, report
-from .budget import RankPlan, mib
-from .config import steps_of
+from . import adapter_io
+from ..base import embedded
+from . import report
+from ..method.budget import RankPlan, mib
+from ..method.config import steps_of
 from .data import BatchStream, evaluate
 from .records import TaskData, load_task_data
-from .errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, UserError
-from .footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
-from .models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, select_targets, target_paths
+from ..errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, UserError
+from ..base.footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak
+from ..base.models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, select_targets, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
-from .hub import go_offline_if_unreachable
+from ..base.hub import go_offline_if_unreachable
 from .run_lock import LOCK_NAME, RunLock
 from .training import TrainState, plan_ranks, prepare_training, target_shapes, train_step
 

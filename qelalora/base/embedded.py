@@ -19,7 +19,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 MINILM = "embedded:minilm-l6"
 SMOLLM2 = "embedded:smollm2-135m"

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import write_json_atomic
-from .elastic import ElasticRanks
+from ..method.elastic import ElasticRanks
 
 def rank_history(ranks: ElasticRanks) -> dict:
     return {

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .config import GAMMA_DECAYS, PRESETS, REGULARISER_FORMS, SCALINGS, SCORE_STATES, STARTS, ElaLoRAConfig
-from .errors import RecipeError
+from ..method.config import GAMMA_DECAYS, PRESETS, REGULARISER_FORMS, SCALINGS, SCORE_STATES, STARTS, ElaLoRAConfig
+from ..errors import RecipeError
 
 MAX_RECIPE_BYTES = 1 << 20
 
