@@ -67,8 +67,16 @@ def _param_names(state: TrainState) -> list[str]:
     return [names[id(p)] for p in state.trainable_params()]
 
 
-def collect(state: TrainState, extra: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything needed to continue `state` exactly: (tensors, JSON-able state)."""
+def _rng_prefix(process: int) -> str:
+    return "rng" if process == 0 else f"rng/process-{process}"
+
+
+def collect(state: TrainState, extra: dict, rng: list[dict] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything needed to continue `state` exactly: (tensors, JSON-able state).
+
+    `rng` holds every process's random-number states (several processes; see
+    run/distributed.py); by default this process's.
+    """
     tensors: dict[str, torch.Tensor] = {}
     params = state.trainable_params()
     names = _param_names(state)
@@ -86,10 +94,12 @@ def collect(state: TrainState, extra: dict) -> tuple[dict[str, torch.Tensor], di
                 tensors[f"optim/{idx}/{key}"] = value
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    tensors["rng/torch"] = torch.get_rng_state()
+    if rng is None:
+        rng = [{"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}]
+    for process, states in enumerate(rng):
+        for kind, value in states.items():
+            tensors[f"{_rng_prefix(process)}/{kind}"] = value
     tensors["rng/ranks"] = state.ranks.generator.get_state()
-    if torch.cuda.is_available():
-        tensors["rng/cuda"] = torch.cuda.get_rng_state()
     ranks_state = state.ranks.state_dict()
     del ranks_state["generator"]
     meta = {
@@ -98,13 +108,14 @@ def collect(state: TrainState, extra: dict) -> tuple[dict[str, torch.Tensor], di
         "optimizer": {"param_groups": opt_state["param_groups"], "scalars": scalars},
         "scheduler": state.scheduler.state_dict(),
         "ranks": ranks_state,
+        "processes": len(rng),
         **extra,
     }
     # clone: safetensors refuses tensors that share memory (e.g. an 8-bit optimiser's shared maps)
     return {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, meta
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, keep: int = 2, rng: list[dict] | None = None) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
@@ -113,7 +124,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, keep: int = 2
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
-        tensors, meta = collect(state, extra)
+        tensors, meta = collect(state, extra, rng)
         save_file(tensors, tmp / TENSORS)
         write_json_atomic(tmp / STATE, meta)
         _fsync(tmp / TENSORS)
@@ -163,8 +174,13 @@ def latest_good_checkpoint(run_dir: Path, warn=print) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, state: TrainState) -> dict:
-    """Restore `state` in place from a checkpoint; returns its JSON state (for the caller's extras)."""
+def load_checkpoint(path: Path, state: TrainState, process: int = 0) -> dict:
+    """Restore `state` in place from a checkpoint; returns its JSON state (for the caller's extras).
+
+    Process `process` of several takes its own random-number states; its
+    `rng_restored` is false when the checkpoint has none for it (it was
+    written by fewer processes), and the caller seeds it.
+    """
     # clone: fresh allocations are aligned as the originals were; BLAS results can depend on alignment
     tensors = {k: v.clone() for k, v in load_file(path / TENSORS).items()}
     meta = json.loads((path / STATE).read_text())
@@ -188,8 +204,11 @@ def load_checkpoint(path: Path, state: TrainState) -> dict:
     state.optimizer.load_state_dict(opt_state)
     state.scheduler.load_state_dict(meta["scheduler"])
     state.ranks.load_state_dict({**meta["ranks"], "generator": tensors["rng/ranks"]})
-    torch.set_rng_state(tensors["rng/torch"])
-    if "rng/cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    prefix = _rng_prefix(process)
+    meta["rng_restored"] = f"{prefix}/torch" in tensors
+    if meta["rng_restored"]:
+        torch.set_rng_state(tensors[f"{prefix}/torch"])
+    if f"{prefix}/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors[f"{prefix}/cuda"])
     state.step = meta["step"]
     return meta

@@ -28,10 +28,17 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class BatchStream:
-    """Endless shuffled batches; its position (epoch, offset) is checkpointed."""
+    """Endless shuffled batches; its position (epoch, offset) is checkpointed.
 
-    def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int):
-        self.examples, self.batch_size, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+    With `shards` > 1 (several processes), the stream draws global batches of
+    `batch_size` x `shards` examples in the same seeded order as one process
+    would, and gives this process its `shard` of each; the position counts
+    global examples, so a run can resume with another number of processes.
+    """
+
+    def __init__(self, examples: list[dict], batch_size: int, pad_id: int, seed: int, shard: int = 0, shards: int = 1):
+        self.examples, self.pad_id, self.seed = examples, pad_id, seed
+        self.batch_size, self.shard, self.per_shard = batch_size * shards, shard, batch_size
         self.epoch, self.offset = 0, 0
         self._order = self._permutation()
 
@@ -51,7 +58,8 @@ class BatchStream:
             take = self._order[self.offset : self.offset + self.batch_size - len(picked)]
             self.offset += len(take)
             picked.extend(take)
-        return collate([self.examples[i] for i in picked], self.pad_id)
+        mine = picked[self.shard * self.per_shard : (self.shard + 1) * self.per_shard]
+        return collate([self.examples[i] for i in mine], self.pad_id)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}

@@ -7,12 +7,14 @@ adapters, rank pattern, pictures and the measured memory next to the plan.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,6 +34,8 @@ from ..base.models import ArchSpec, arch_spec, head_modules, head_params, load_b
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
 from ..base.hub import go_offline_if_unreachable
 from .run_lock import LOCK_NAME, RunLock
+from . import distributed
+from .distributed import GradientAverager, Processes
 from .training import TrainState, plan_ranks, prepare_training, target_shapes, train_step
 
 
@@ -55,6 +59,7 @@ class MemoryPlan:
     activations_other: int = 0  # the activation estimate with the other checkpointing choice
     targets: tuple[str, ...] = ()  # adapted linears inside one block
     discovered: bool = False  # targets found in the model (architecture not in the table)
+    processes: int = 1  # training processes; each holds the base and the adapters, so every figure is per process
 
     def to_dict(self) -> dict:
         rp = self.rank_plan
@@ -73,6 +78,7 @@ class MemoryPlan:
             "discovered": self.discovered,
             "gradient_checkpointing": self.checkpointing,
             "activation_bytes_other_choice": self.activations_other,
+            "processes": self.processes,
         }
 
     def describe(self) -> str:
@@ -89,6 +95,8 @@ class MemoryPlan:
             f"= {fmt_mib(fp.total_bytes)}\n"
             f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
             f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
+            + (f"\n  {self.processes} processes: each holds the base and the adapters, so the budget and every figure "
+               f"above are per process; the global batch is {self.processes} x {self.batch}" if self.processes > 1 else "")
         )
 
 
@@ -119,7 +127,7 @@ def _check_sequence_length(recipe: Recipe, config) -> None:
         )
 
 
-def memory_plan(recipe: Recipe) -> MemoryPlan:
+def memory_plan(recipe: Recipe, processes: int = 1) -> MemoryPlan:
     """Initial ranks and predicted footprint, from the model's config alone (no weights loaded)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -147,7 +155,7 @@ def memory_plan(recipe: Recipe) -> MemoryPlan:
     fp = Footprint(base_bytes=base, adapter_bytes=rp.adapter_bytes, activation_bytes=acts[checkpointing], budget_bytes=e.budget_bytes)
     chosen = tuple(spec.targets[k] for k in select_targets(spec, recipe.model.targets))
     return MemoryPlan(rp, fp, len(paths), recipe.model.name, t.batch_size, recipe.data.max_length, checkpointing,
-                      acts[not checkpointing], chosen, spec.discovered)
+                      acts[not checkpointing], chosen, spec.discovered, processes)
 
 
 def _device_bytes(device: str) -> int:
@@ -164,23 +172,32 @@ def _loss(model, batch):
 
 
 class _StopFlag:
-    """Turns the first Ctrl-C into "stop after this step and checkpoint"; a second one aborts."""
+    """Turns the first Ctrl-C (or SIGTERM: a scheduler's preemption, torchrun stopping its workers) into "stop
+    after this step and checkpoint"; a second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.stop = False
+        self._first = 0.0
 
     def __enter__(self):
-        self._old = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._handle)
+        self._old = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        if self.stop:
+        # A second signal within a second is the same stop passed on (torchrun forwards the terminal's Ctrl-C to
+        # workers that already got it); a second Ctrl-C after that aborts without a checkpoint.
+        if self.stop and signum == signal.SIGINT and time.monotonic() - self._first > 1.0:
             raise KeyboardInterrupt
-        self.stop = True
+        if not self.stop:
+            self.stop, self._first = True, time.monotonic()
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def _check_resumable(run_dir: Path) -> None:
@@ -227,12 +244,12 @@ class Run:
     plan: MemoryPlan
 
 
-def build_run(recipe: Recipe, log=print) -> Run:
+def build_run(recipe: Recipe, log=print, procs: Processes = Processes(), device: str | None = None) -> Run:
     from transformers import AutoTokenizer
 
-    plan = memory_plan(recipe)
+    plan = memory_plan(recipe, procs.world)
     log(plan.describe())
-    device = resolve_device(recipe.train.device)
+    device = device or resolve_device(recipe.train.device)
     torch.manual_seed(recipe.train.seed)
     name = embedded.resolve_model(recipe.model.name)
     model, spec = load_base_model(
@@ -264,11 +281,16 @@ def build_run(recipe: Recipe, log=print) -> Run:
         seed=t.seed,
         weights_from=name,
     )
-    stream = BatchStream(data.train, t.batch_size, data.pad_id, t.seed)
+    if procs.active:  # same start everywhere, own dropout stream, gradients averaged, rounds compared
+        distributed.broadcast_params(state.trainable_params())
+        distributed.seed_process(procs, t.seed)
+        state.after_backward = GradientAverager(spec.task)
+        state.after_round = partial(distributed.check_round, procs)
+    stream = BatchStream(data.train, t.batch_size, data.pad_id, t.seed, procs.rank, procs.world)
     return Run(recipe, model, spec, data, state, stream, device, plan)
 
 
-def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseline_rss: int) -> dict:
+def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseline_rss: int, loop: dict) -> dict:
     state, recipe = run.state, run.recipe
     names = {id(p): n for n, p in run.model.named_parameters()}
     heads = {names[id(p)]: p for p in state.head_params}
@@ -290,55 +312,92 @@ def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseli
         "budget_bytes": state.ranks.budget_bytes,
         "measured_training_bytes": measured["measured_training_bytes"],
         "rank_rounds": len(history["rounds"]),
+        "train_loop": loop,  # this session's training steps alone (no loading, no evaluation)
     }
     ckpt.write_json_atomic(run_dir / "report.json", summary)
     return summary
 
 
+def _silent(*args, **kwargs) -> None:
+    pass
+
+
 def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print) -> dict:
-    """Train (or continue) a run; returns the final summary. Only one process at a time trains into a folder."""
+    """Train (or continue) a run; returns the final summary. Only one process at a time trains into a folder.
+
+    Under `torchrun`, every process trains its shard and the main one alone
+    holds the folder's lock, writes, logs and evaluates (run/distributed.py).
+    """
+    procs = distributed.from_environment()
+    if not procs.main:
+        log, progress = _silent, False
     if resume:
         _check_resumable(run_dir)  # before the lock, which would create a missing folder
+        recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
+    device = distributed.start(procs, resolve_device(recipe.train.device))
     created = not run_dir.exists()
     try:
-        with RunLock(run_dir):
-            return _train_locked(recipe, run_dir, resume, overwrite, progress, log)
+        with contextlib.ExitStack() as held:
+            def claim() -> None:
+                held.enter_context(RunLock(run_dir))
+                prepare_run_dir(run_dir, resume, overwrite)
+
+            distributed.from_main(procs, claim)
+            return _train(recipe, run_dir, resume, progress, log, procs, device)
     except BaseException:
-        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        if procs.main and created and run_dir.is_dir() and not any(run_dir.iterdir()):
             run_dir.rmdir()  # a run that stopped before writing anything (bad data, say) leaves no empty folder
         raise
+    finally:
+        distributed.finish()
 
 
-def _train_locked(recipe: Recipe | None, run_dir: Path, resume: bool, overwrite: bool, progress: bool, log) -> dict:
-    prepare_run_dir(run_dir, resume, overwrite)
-    if resume:
-        recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
+def _resume_point(run_dir: Path, log) -> Path:
+    good = ckpt.latest_good_checkpoint(run_dir, warn=log)
+    if good is None:
+        raise RunDirError(f"{run_dir} has no intact checkpoint to resume from; start a new run instead")
+    return good
+
+
+def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, log, procs: Processes, device: str) -> dict:
     started = time.time()
     baseline_rss = current_rss_bytes()
-    run = build_run(recipe, log)
+    run = build_run(recipe, log, procs, device)
     state, t = run.state, recipe.train
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        good = ckpt.latest_good_checkpoint(run_dir, warn=log)
-        if good is None:
-            raise RunDirError(f"{run_dir} has no intact checkpoint to resume from; start a new run instead")
-        meta = ckpt.load_checkpoint(good, state)
+        good = distributed.from_main(procs, lambda: _resume_point(run_dir, log))
+        meta = ckpt.load_checkpoint(good, state, procs.rank)
+        if not meta["rng_restored"]:
+            distributed.seed_process(procs, t.seed, state.step)
         run.stream.load_state_dict(meta["data"])
         started -= meta.get("elapsed", 0.0)
-        _truncate_metrics(metrics_path, state.step)
+        if procs.main:
+            _truncate_metrics(metrics_path, state.step)
         log(f"resumed from {good.name} (step {state.step} of {t.steps})")
-    else:
+        if meta.get("processes", 1) != procs.world:
+            log(f"note: the checkpoint was written by {meta.get('processes', 1)} process(es) and the run continues with "
+                f"{procs.world}: the data order, ranks and optimiser carry on; the global batch is now "
+                f"{procs.world} x {t.batch_size}")
+    elif procs.main:
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
         ckpt.write_json_atomic(run_dir / "memory_plan.json", run.plan.to_dict())
 
     def save_ckpt():
-        ckpt.save_checkpoint(run_dir, state, {"data": run.stream.state_dict(), "elapsed": time.time() - started}, t.keep_checkpoints)
+        rng = distributed.rng_states(procs)  # every process's dropout state, for an exact resume
+        if procs.main:
+            ckpt.save_checkpoint(run_dir, state, {"data": run.stream.state_dict(), "elapsed": time.time() - started},
+                                 t.keep_checkpoints, rng)
 
     budget_mb = mib(state.ranks.budget_bytes)
     bar = tqdm(total=t.steps, initial=state.step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
+    loop_started, first_step = time.perf_counter(), state.step
+    averager = state.after_backward if isinstance(state.after_backward, GradientAverager) else None
     with _StopFlag() as flag:
         while state.step < t.steps:
             batch = {k: v.to(run.device) for k, v in next(run.stream).items()}
+            if averager is not None:
+                averager.stop_requested = flag.stop  # carried by the gradient all-reduce: all processes stop together
             try:
                 loss = train_step(state, batch, _loss)
             except (MemoryError, RuntimeError) as err:
@@ -360,22 +419,25 @@ def _train_locked(recipe: Recipe | None, run_dir: Path, resume: bool, overwrite:
             lr, used, rank = state.scheduler.get_last_lr()[0], state.ranks.adapter_bytes(), state.ranks.total_rank
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", rank=rank, mb=f"{mib(used):.1f}/{budget_mb:.0f}")
-            if t.log_every and state.step % t.log_every == 0:
+            if t.log_every and state.step % t.log_every == 0 and procs.main:
                 _append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "total_rank": rank, "adapter_bytes": used})
-            if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps and run.data.val:
+            if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps and run.data.val and procs.main:
                 val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device, t.eval_batches)
                 _append_metrics(metrics_path, {"step": state.step, "val": val})
             if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.steps:
                 save_ckpt()
-            if flag.stop:
+            if (averager.stop if averager is not None else flag.stop):
                 save_ckpt()
                 bar.close()
                 raise Interrupted(f"interrupted at step {state.step}; a checkpoint was saved. Continue with: qelalora train --resume {run_dir}")
     bar.close()
+    loop = {"steps": state.step - first_step, "seconds": round(time.perf_counter() - loop_started, 2), "processes": procs.world}
+    if not procs.main:
+        return {"steps": state.step}
     held_out = {name: evaluate(run.model, part, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
                 for name, part in (("val", run.data.val), ("test", run.data.test)) if part}  # a split may be empty
     _append_metrics(metrics_path, {"step": state.step, **held_out})
-    summary = _save_outputs(run, run_dir, started, held_out, baseline_rss)
+    summary = _save_outputs(run, run_dir, started, held_out, baseline_rss, loop)
     scores = "; ".join(f"{name} {value}" for name, value in held_out.items()) or "no held-out split to evaluate"
     log(
         f"done: {run_dir} ({summary['seconds']:.0f} s); {scores}\n"

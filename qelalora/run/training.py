@@ -24,6 +24,11 @@ from ..base.models import wrap_linears
 from ..method.starts import apply_residual, full_precision_weights
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
+GradientHook = Callable[[Sequence[nn.Parameter], object, float], float]
+"""Called after backward with (trainable parameters, batch, task loss); returns the loss to report. Several
+processes average their gradients here (run/distributed.py)."""
+RoundHook = Callable[[int, dict[str, int]], None]
+"""Called after every rank round with (step, rank pattern)."""
 
 
 @dataclass
@@ -38,6 +43,8 @@ class TrainState:
     cfg: ElaLoRAConfig
     total_steps: int
     step: int = 0
+    after_backward: GradientHook | None = None
+    after_round: RoundHook | None = None
 
     def trainable_params(self) -> list[nn.Parameter]:
         return [p for layer in self.layers.values() for p in layer.adapter_params()] + self.head_params
@@ -153,12 +160,17 @@ def train_step(state: TrainState, batch, loss_fn: LossFn) -> float:
     reg = orthogonality_regulariser(list(state.layers.values()), gamma, state.cfg.regulariser)
     total = loss if reg is None else loss + reg
     total.backward()
+    value = loss.item()
+    if state.after_backward is not None:
+        value = state.after_backward(state.trainable_params(), batch, value)
     state.optimizer.step()
     state.step += 1
-    state.ranks.after_step(state.step, state.optimizer)
+    record = state.ranks.after_step(state.step, state.optimizer)
+    if record is not None and state.after_round is not None:
+        state.after_round(record.step, record.ranks)
     state.optimizer.zero_grad(set_to_none=True)
     state.scheduler.step()
-    return loss.item()
+    return value
 
 
 def train(
