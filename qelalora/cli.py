@@ -66,6 +66,7 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its last good checkpoint.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing, non-empty run folder.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    nproc: Annotated[int, typer.Option(help="Train with N processes on this machine (starts torchrun; N GPUs, or CPU cores shared).", min=1)] = 1,
 ):
     """Train ElaLoRA adapters. With no recipe: MiniLM-L6 (NF4) on Rotten Tomatoes sentiment.
 
@@ -78,6 +79,8 @@ def train(
       qelalora train -r my.yaml --set train.lr=1e-4 --set elalora.b0=8 -o runs/mine
 
       qelalora train --resume runs/mine
+
+      qelalora train -r my.yaml -o runs/two --nproc 2     (or: torchrun --nproc-per-node 2 -m qelalora train ...)
     """
     from .run.job import run_train
     from .run.recipe import load_recipe
@@ -86,12 +89,38 @@ def train(
     if resume is not None:
         if any(v is not None for v in (recipe, budget_mb, steps, model, data, device, seed)) or set_:
             raise UserError("--resume continues a run with its saved recipe; give no recipe options with it")
+        if nproc > 1:
+            _relaunch(nproc, ["--resume", str(resume)], progress)
         run_train(None, resume, resume=True, progress=progress)
         return
-    loaded = load_recipe(recipe, _overrides(set_, budget_mb, steps, model, data, device, seed))
+    sets = _overrides(set_, budget_mb, steps, model, data, device, seed)
+    loaded = load_recipe(recipe, sets)
+    if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("with several processes, name the run folder with -o/--run-dir so that all of them write to the same one")
     name = Path(recipe).stem if recipe else "minilm-l6-rotten-tomatoes"
     out = run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if nproc > 1:
+        args = (["-r", recipe] if recipe else []) + [a for s in sets for a in ("--set", s)] + ["-o", str(out)]
+        _relaunch(nproc, args + (["--overwrite"] if overwrite else []), progress)
     run_train(loaded, out, overwrite=overwrite, progress=progress)
+
+
+def _relaunch(nproc: int, train_args: list[str], progress: bool) -> None:
+    """Run `qelalora train ARGS` under torchrun with `nproc` processes on this machine; exits with its code."""
+    import signal
+    import subprocess
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--nproc starts torchrun itself; under torchrun, leave it out")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "qelalora", "train", *train_args, *([] if progress else ["--no-progress"])]
+    child = subprocess.Popen(command)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which checkpoint and stop
+    try:
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    sys.exit(code)
 
 
 @app.command()
@@ -101,6 +130,8 @@ def plan(
     model: Annotated[Optional[str], typer.Option(help="Model (model.name).")] = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    measure: Annotated[bool, typer.Option(help="Also load the model and run two steps at the recipe's largest batch; "
+                                                 "print measured memory beside the plan.")] = False,
 ):
     """Show the memory plan (initial ranks, adapter bytes, predicted footprint) without training.
 
@@ -109,13 +140,28 @@ def plan(
       qelalora plan --budget-mb 512
 
       qelalora plan -r llama-3.1-8b --budget-mb 512 --json
+
+      qelalora plan --budget-mb 512 --measure            (loads the model and runs two steps)
     """
     from .run.job import memory_plan
     from .run.recipe import load_recipe
 
     _quiet_libraries()
-    result = memory_plan(load_recipe(recipe, _overrides(set_, budget_mb, model=model)))
-    typer.echo(json.dumps(result.to_dict(), indent=2) if as_json else result.describe())
+    loaded = load_recipe(recipe, _overrides(set_, budget_mb, model=model))
+    result = memory_plan(loaded)
+    measured = None
+    if measure:
+        from .run.measure import measure as run_measure
+
+        measured = run_measure(loaded)
+    if as_json:
+        typer.echo(json.dumps({**result.to_dict(), **({"measured": measured} if measured else {})}, indent=2))
+        return
+    typer.echo(result.describe())
+    if measured:
+        from .run.measure import describe
+
+        typer.echo(describe(measured))
 
 
 @recipes_app.command("list")
@@ -296,11 +342,17 @@ def evaluate_onnx(
     typer.echo(json.dumps(result))
 
 
+def _who() -> str:
+    """'' in the main process; 'process K: ' in the others of a torchrun job (torchrun may stop the main one first)."""
+    rank = os.environ.get("RANK", "0")
+    return "" if rank == "0" else f"process {rank}: "
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="qelalora")
     except UserError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.echo(f"{_who()}error: {err}", err=True)
         sys.exit(err.exit_code)
     except MemoryError:
         typer.echo("error: out of memory; lower train.batch_size or data.max_length, or the budget", err=True)
