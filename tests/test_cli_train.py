@@ -107,6 +107,18 @@ def test_plan_command_reports_rank_and_footprint(capsys, tiny_llama_dir):
     assert plan["adapter_bytes"] <= plan["budget_bytes"] == 2**20
 
 
+def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tiny_llama_dir, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, write_lm_data(tmp_path / "d.jsonl"), causal=True)
+    code, out, err = run_cli(capsys, "plan", "-r", str(recipe), "--measure", "--json")
+    assert code == 0, err
+    result = json.loads(out)["measured"]
+    assert result["shape"] == {"batch": 8, "seq": 24} and result["steps"] == 2
+    assert result["predicted"]["total"] == json.loads(out)["footprint"]["total_bytes"]
+    assert result["measured"]["resident"] > 0 and result["measured"]["peak"] >= result["measured"]["resident"]
+    code, out, _ = run_cli(capsys, "plan", "-r", str(recipe), "--measure")
+    assert code == 0 and "measured/predicted" in out and "steps above that (activations)" in out
+
+
 def test_report_command(tmp_path, tiny_bert_dir, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"), train={"steps": 15})
     run = tmp_path / "run"

@@ -1,0 +1,83 @@
+"""`qelalora plan --measure`: load the model, run two real steps at the recipe's largest shapes, and set what
+memory they took beside what the plan predicted.
+
+The plan is computed from the config alone; this is its check on the machine
+at hand. Three moments are measured: before loading (the baseline), after the
+model, data and adapters are in place (resident), and the peak over loading
+and two training steps of `train.batch_size` x `data.max_length` tokens (the
+longest batch the run can see). On CUDA the figures are
+`torch.cuda.max_memory_allocated` (tensors only); on a CPU, the process's RSS
+above the baseline, which also counts library code and allocator slack.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+import torch
+
+from ..base.footprint import current_rss_bytes
+from .job import _loss, build_run
+from .recipe import Recipe
+from .training import train_step
+
+
+def _peak_rss() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, device: str) -> dict:
+    """Random tokens at the recipe's batch size and full sequence length (the activations' worst case)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, vocab), (batch, seq), generator=g)
+    labels = torch.randint(0, num_labels, (batch,), generator=g) if task == "seq-cls" else ids.clone()
+    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
+
+
+def measure(recipe: Recipe, steps: int = 2) -> dict:
+    """Run the recipe's model for `steps` steps in this process; returns predicted and measured bytes."""
+    cuda = recipe.train.device.startswith("cuda") or (recipe.train.device == "auto" and torch.cuda.is_available())
+    baseline = current_rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    run = build_run(recipe, log=lambda *a, **k: None)
+    resident = torch.cuda.memory_allocated() if cuda else current_rss_bytes() - baseline
+    load_peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss() - baseline
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = recipe.train
+    batch = longest_batch(run.spec.task, t.batch_size, recipe.data.max_length, run.model.config.vocab_size,
+                          recipe.model.num_labels, run.device)
+    for _ in range(steps):
+        train_step(run.state, batch, _loss)
+    step_peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss() - baseline
+    fp = run.plan.footprint
+    return {
+        "measured_with": "torch.cuda.max_memory_allocated" if cuda else "RSS above the process before loading",
+        "steps": steps,
+        "shape": {"batch": t.batch_size, "seq": recipe.data.max_length},
+        "predicted": {"resident": fp.base_bytes + fp.adapter_bytes, "activations": fp.activation_bytes, "total": fp.total_bytes},
+        "measured": {"resident": resident, "load_peak": load_peak, "peak": max(step_peak, load_peak),
+                     "step_peak_above_resident": max(0, step_peak - resident)},
+    }
+
+
+def describe(result: dict) -> str:
+    p, m = result["predicted"], result["measured"]
+
+    def row(name: str, predicted: int | None, measured: int) -> str:
+        ratio = f"{measured / predicted:5.2f}x" if predicted else "     "
+        shown = f"{predicted / 2**20:9.1f}" if predicted is not None else f"{'':9s}"
+        return f"  {name:<30s}{shown} {measured / 2**20:9.1f}  {ratio}"
+
+    return "\n".join([
+        f"Measured ({result['measured_with']}; {result['steps']} steps at batch {result['shape']['batch']} x "
+        f"{result['shape']['seq']} tokens), MiB:",
+        f"  {'':30s}{'predicted':>9s} {'measured':>9s}  measured/predicted",
+        row("model + data + adapters", p["resident"], m["resident"]),
+        row("loading peak", None, m["load_peak"]),
+        row("steps above that (activations)", p["activations"], m["step_peak_above_resident"]),
+        row("peak", p["total"], m["peak"]),
+    ])
