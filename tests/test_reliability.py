@@ -14,7 +14,7 @@ from qelalora.errors import UserError
 from qelalora.run.recipe import recipe_from_dict
 from tests.cli_helpers import run_cli, write_cls_data, write_recipe
 
-FUZZ_CASES = {"recipe": 300, "recipe_text": 300, "data": 200, "metadata": 100}
+FUZZ_CASES = {"recipe": 300, "recipe_text": 300, "data": 200, "metadata": 100, "chat": 100}
 
 
 @pytest.fixture()
@@ -151,6 +151,36 @@ def test_fuzzed_data_files(tmp_path, suffix, content, task):
     assert data.train and all(isinstance(e["input_ids"], list) for e in data.train)
 
 
+message = st.dictionaries(st.sampled_from(["role", "content", "name"]),
+                          st.sampled_from(["user", "assistant", "system", ""]) | json_values, max_size=3)
+
+
+@settings(max_examples=FUZZ_CASES["chat"], deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.dictionaries(st.sampled_from(["messages", "text"]), st.lists(message, max_size=4) | json_values,
+                                max_size=2), max_size=6), st.booleans())
+def test_fuzzed_chat_records(tmp_path, records, packing):
+    from qelalora.run.recipe import DataSection
+    from qelalora.run.records import load_task_data
+    from tests.conftest import tiny_tokenizer
+    from tests.test_data_sources import CHAT_TEMPLATE
+
+    global _CHAT_TOKENIZER
+    if _CHAT_TOKENIZER is None:
+        _CHAT_TOKENIZER = tiny_tokenizer()
+        _CHAT_TOKENIZER.chat_template = CHAT_TEMPLATE
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    section = DataSection(source=str(path), max_length=16, val_size=1, test_size=1, packing=packing)
+    try:
+        data = load_task_data(section, "causal-lm", _CHAT_TOKENIZER)
+    except UserError:
+        return
+    assert data.train and all(len(e["input_ids"]) == len(e["labels"]) <= 16 for e in data.train)
+
+
+_CHAT_TOKENIZER = None
+
+
 @settings(max_examples=FUZZ_CASES["metadata"], deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["report.json", "rank_pattern.json", "memory.json"]), json_values | st.binary(max_size=50))
 def test_fuzzed_run_metadata(capsys, tmp_path, name, value):
@@ -171,7 +201,7 @@ def test_fuzzed_run_metadata(capsys, tmp_path, name, value):
 
 def test_fuzz_case_counts_are_reported():
     # BENCHMARKS.md/README quote the number of fuzz cases; keep it in one place
-    assert sum(FUZZ_CASES.values()) == 900
+    assert sum(FUZZ_CASES.values()) == 1000
 
 
 # ---- safe loading ----

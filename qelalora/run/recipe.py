@@ -34,12 +34,20 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    source: str = "rotten-tomatoes"  # rotten-tomatoes | python-docs | python-stdlib | path to .jsonl/.csv/.txt
+    # rotten-tomatoes | python-docs | python-stdlib | a .jsonl/.csv/.txt file | through `datasets`: a .parquet/.arrow
+    # file, a folder of data files (train.jsonl, validation.jsonl, ...) or saved with save_to_disk, hf:NAME[:CONFIG]
+    source: str = "rotten-tomatoes"
+    # the data's own splits: {train: ..., val: ..., test: ...}, each a file or a split name of `source`; a split left
+    # out is cut from train (val_size / test_size). Unset: a datasets source's train/validation/test if it has them,
+    # else the seeded split of the whole source.
+    splits: dict[str, str] | None = None
     text_field: str = "text"
     label_field: str = "label"
     label_names: list[str] | None = None  # class names in id order, for text labels (default: sorted)
     prompt_field: str | None = None  # causal LM with prompt + completion: loss on the completion only
     completion_field: str | None = None
+    messages_field: str = "messages"  # chat records (causal LM): the tokenizer's chat template, loss on assistant turns
+    packing: bool = False  # causal LM: pack examples into max_length blocks (no padding; attention crosses examples)
     max_length: int = 128
     val_size: int | float = 1000  # examples (or blocks), or a fraction
     test_size: int | float = 2000
@@ -89,6 +97,9 @@ def _type_ok(value, annotation) -> bool:
     if origin is list:
         (item,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(annotation)
+        return isinstance(value, dict) and all(_type_ok(k, key) and _type_ok(v, item) for k, v in value.items())
     if annotation is bool:
         return isinstance(value, bool)
     if annotation is int:
@@ -160,6 +171,9 @@ def _check_ranges(recipe: Recipe, errors: list[str]) -> None:
     need(m.task in ("auto", "causal-lm", "seq-cls"), f"model.task: auto, causal-lm or seq-cls, got {m.task!r}")
     need(d.max_length >= 2, f"data.max_length: must be >= 2, got {d.max_length}")
     need((d.prompt_field is None) == (d.completion_field is None), "data: give both prompt_field and completion_field, or neither")
+    bad_splits = sorted(set(d.splits or {}) - {"train", "val", "test"})
+    need(not bad_splits, f"data.splits: keys are train, val and test, got {', '.join(bad_splits)}")
+    need(d.splits is None or "train" in d.splits, "data.splits: name the train split (val and test may be cut from it)")
     for key in ("val_size", "test_size"):
         v = getattr(d, key)
         need(v >= 0, f"data.{key}: must be >= 0, got {v}")

@@ -2,14 +2,21 @@
 
 Used by training and by the ONNX Runtime edge path (which must not import torch).
 
-Sources: JSONL, CSV and plain-text files, and the built-in sets of
-`qelalora.base.embedded` (Rotten Tomatoes; Python docs; Python stdlib source).
+Sources: JSONL, CSV and plain-text files, the built-in sets of
+`qelalora.base.embedded` (Rotten Tomatoes; Python docs; Python stdlib source),
+and whatever Hugging Face `datasets` reads (sources.py).
 
-Splits are fixed by `data.split_seed`: examples (or, for running text,
-documents) are shuffled with Python's seeded `random.Random`, then the first `test_size`
+Splits the data names itself (`data.splits`, or a datasets source's own) are
+kept; a held-out split they leave out is cut from train. Otherwise splits are
+fixed by `data.split_seed`: examples (or, for running text, documents) are
+shuffled with Python's seeded `random.Random`, then the first `test_size`
 become the test set, the next `val_size` the validation set, the rest
 training data. Running text is tokenised in that document order, joined with
 EOS and cut into `max_length` blocks; the split is then made over blocks.
+
+Causal-LM examples are running text, prompt + completion (loss on the
+completion), or chat `messages` (loss on the assistant turns, chat.py);
+`data.packing` packs them into full blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from pathlib import Path
 
 from ..base import embedded
 from ..errors import DataError
+from . import sources
+from .chat import chat_examples, pack
 from .recipe import DataSection
 
 BUILTIN = ("rotten-tomatoes", "python-docs", "python-stdlib")
@@ -88,6 +97,8 @@ def read_records(section: DataSection) -> list[dict]:
     if source in ("python-docs", "python-stdlib"):
         files = embedded.python_doc_files() if source == "python-docs" else embedded.python_stdlib_files()
         return [{section.text_field: f.read_text(encoding="utf-8", errors="replace")} for f in files]
+    if sources.is_datasets_source(source):
+        return sources.read_source(section)
     path = Path(source)
     if not path.exists():
         raise DataError(f"data file {path} does not exist (built-in sets: {', '.join(BUILTIN)})")
@@ -101,7 +112,7 @@ def read_records(section: DataSection) -> list[dict]:
     elif suffix in (".txt", ".text", ".md", ".rst"):
         records = [{section.text_field: _read_text(path)}]
     else:
-        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .txt")
+        raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv, .txt, .parquet or .arrow")
     if not records or not any(records):
         raise DataError(f"{path} holds no examples")
     return records
@@ -144,13 +155,14 @@ def _is_index(value) -> bool:
         isinstance(value, str) and value.strip().lstrip("-").isdigit())
 
 
-def label_names_of(records: list[dict], section: DataSection, num_labels: int) -> list[str] | None:
-    """Class names in id order when the data labels classes by name (text labels); None for integer labels."""
+def label_names_of(records: list[dict], section: DataSection, num_labels: int, given: list[str] | None = None) -> list[str] | None:
+    """Class names in id order when the data names its classes (text labels, or `given` by a `datasets`
+    ClassLabel); None for bare integer labels."""
     values = [r.get(section.label_field) for r in records if isinstance(r, dict)]
     named = sorted({v for v in values if isinstance(v, str) and not _is_index(v)})
-    if section.label_names is None and not named:
+    if section.label_names is None and not named and not given:
         return None
-    names = list(section.label_names) if section.label_names is not None else named
+    names = list(section.label_names) if section.label_names is not None else (list(given) if given else named)
     unknown = [v for v in named if v not in names]
     if unknown:
         raise DataError(f"{section.source}: label(s) {', '.join(map(repr, unknown[:5]))} are not in data.label_names {names}")
@@ -218,23 +230,61 @@ def text_blocks(documents: list[str], tokenizer, max_length: int) -> list[dict]:
     return [{"input_ids": stream[i * max_length : (i + 1) * max_length]} for i in range(n)]
 
 
+def _is_chat(records: list[dict], section: DataSection) -> bool:
+    return not section.prompt_field and any(isinstance(r.get(section.messages_field), list) for r in records[:100])
+
+
+def _tokeniser(task: str, section: DataSection, tokenizer, num_labels: int, names, chat: bool):
+    """records -> examples, for everything but running text."""
+    if task == "seq-cls":
+        return lambda part: classification_examples(part, section, tokenizer, num_labels, names)
+    if chat:
+        return lambda part: chat_examples(part, section, tokenizer)
+    return lambda part: completion_examples(part, section, tokenizer)
+
+
+def _documents(records: list[dict], section: DataSection) -> list[str]:
+    return [_as_text(_field(r, section.text_field, section.source), section.source) for r in records]
+
+
+def _cut(items: list, section: DataSection, need_val: bool, need_test: bool) -> tuple[list, list, list]:
+    """The held-out splits the data did not give, cut from its train split by the seeded split's rule."""
+    cut = DataSection(**{**section.__dict__, "val_size": section.val_size if need_val else 0,
+                         "test_size": section.test_size if need_test else 0, "max_train_examples": None})
+    return _split(items, cut)
+
+
 def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int = 2) -> TaskData:
     """Read, split and tokenise the data for `task` ("seq-cls" or "causal-lm")."""
-    records = read_records(section)
-    names = None
-    if task == "seq-cls":
-        names = label_names_of(records, section, num_labels)
-        train, val, test = (classification_examples(part, section, tokenizer, num_labels, names) for part in _split(records, section))
-    elif section.prompt_field:
-        train, val, test = (completion_examples(part, section, tokenizer) for part in _split(records, section))
+    given = sources.given_splits(section, read_records)
+    records = [r for part in given.parts.values() for r in part] if given.parts else read_records(section)
+    names = label_names_of(records, section, num_labels, given.class_names) if task == "seq-cls" else None
+    running_text = task == "causal-lm" and not section.prompt_field and not _is_chat(records, section)
+    if given.parts:
+        parts = {k: v for k, v in given.parts.items()}
+        if running_text:
+            parts = {k: text_blocks(_documents(v, section), tokenizer, section.max_length) for k, v in parts.items()}
+        else:
+            tokenise = _tokeniser(task, section, tokenizer, num_labels, names, _is_chat(records, section))
+            parts = {k: tokenise(v) for k, v in parts.items()}
+        train, val, test = parts["train"], parts.get("val", []), parts.get("test", [])
+        if "val" not in parts or "test" not in parts:
+            train, cut_val, cut_test = _cut(train, section, "val" not in parts, "test" not in parts)
+            val, test = (val if "val" in parts else cut_val), (test if "test" in parts else cut_test)
+        if section.max_train_examples is not None:
+            train = train[: section.max_train_examples]
+    elif not running_text:
+        tokenise = _tokeniser(task, section, tokenizer, num_labels, names, _is_chat(records, section))
+        train, val, test = (tokenise(part) for part in _split(records, section))
     else:
-        docs = [_as_text(_field(r, section.text_field, section.source), section.source) for r in _shuffled(records, section.split_seed)]
-        blocks = text_blocks(docs, tokenizer, section.max_length)
+        blocks = text_blocks(_documents(_shuffled(records, section.split_seed), section), tokenizer, section.max_length)
         n_test = min(_count(section.test_size, len(blocks)), len(blocks) // 3)
         n_val = min(_count(section.val_size, len(blocks)), len(blocks) // 3)
         test, val, train = blocks[:n_test], blocks[n_test : n_test + n_val], blocks[n_test + n_val :]
         if section.max_train_examples is not None:
             train = train[: section.max_train_examples]
+    if section.packing and task == "causal-lm" and not running_text:
+        train, val, test = (pack(part, section.max_length) for part in (train, val, test))
     if not train:
         raise DataError(
             f"{section.source}: no training examples left after splitting "
