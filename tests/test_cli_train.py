@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from qelalora.run.adapter_io import load_adapter
 from qelalora.base.models import load_base_model
-from tests.cli_helpers import run_cli, write_cls_data, write_lm_data, write_recipe
+from tests.cli_helpers import cli_process, run_cli, write_cls_data, write_lm_data, write_recipe
 
 RUN_FILES = {
     "adapter", "peft", "checkpoints", "memory.json", "memory_plan.json", "metrics.jsonl", "rank_final.png",
@@ -109,8 +109,11 @@ def test_plan_command_reports_rank_and_footprint(capsys, tiny_llama_dir):
 
 def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tiny_llama_dir, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, write_lm_data(tmp_path / "d.jsonl"), causal=True)
-    code, out, err = run_cli(capsys, "plan", "-r", str(recipe), "--measure", "--json")
-    assert code == 0, err
+    proc = cli_process("plan", "-r", str(recipe), "--measure", "--json")  # a fresh process, as a user runs it
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    lines = out.splitlines()
+    out = "\n".join(lines[lines.index("{"):])  # the JSON after any library warnings
     result = json.loads(out)["measured"]
     assert result["shape"] == {"batch": 8, "seq": 24} and result["steps"] == 2
     assert result["predicted"]["total"] == json.loads(out)["footprint"]["total_bytes"]

@@ -12,8 +12,10 @@ above the baseline, which also counts library code and allocator slack.
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
+from pathlib import Path
 
 import torch
 
@@ -23,9 +25,25 @@ from .recipe import Recipe
 from .training import train_step
 
 
-def _peak_rss() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+class PeakRSS:
+    """The process's peak RSS since the last `reset()`: Linux lets a process reset its own high-water mark
+    (/proc/self/clear_refs), so a phase's peak is its own even late in a long process. Elsewhere the peak
+    since the process started (getrusage), which is the same for a fresh `qelalora plan --measure`."""
+
+    def __init__(self):
+        self.resettable = Path("/proc/self/clear_refs").exists()
+
+    def reset(self) -> None:
+        if self.resettable:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.resettable:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, device: str) -> dict:
@@ -39,20 +57,24 @@ def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, 
 def measure(recipe: Recipe, steps: int = 2) -> dict:
     """Run the recipe's model for `steps` steps in this process; returns predicted and measured bytes."""
     cuda = recipe.train.device.startswith("cuda") or (recipe.train.device == "auto" and torch.cuda.is_available())
+    rss = PeakRSS()
+    gc.collect()
     baseline = current_rss_bytes()
+    rss.reset()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     run = build_run(recipe, log=lambda *a, **k: None)
     resident = torch.cuda.memory_allocated() if cuda else current_rss_bytes() - baseline
-    load_peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss() - baseline
+    load_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    rss.reset()
     t = recipe.train
     batch = longest_batch(run.spec.task, t.batch_size, recipe.data.max_length, run.model.config.vocab_size,
                           recipe.model.num_labels, run.device)
     for _ in range(steps):
         train_step(run.state, batch, _loss)
-    step_peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss() - baseline
+    step_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     fp = run.plan.footprint
     return {
         "measured_with": "torch.cuda.max_memory_allocated" if cuda else "RSS above the process before loading",
