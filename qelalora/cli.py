@@ -105,6 +105,9 @@ def train(
     run_train(loaded, out, overwrite=overwrite, progress=progress)
 
 
+SHUTDOWN_TIMEOUT_S = 600
+
+
 def _relaunch(nproc: int, train_args: list[str], progress: bool) -> None:
     """Run `qelalora train ARGS` under torchrun with `nproc` processes on this machine; exits with its code."""
     import signal
@@ -112,14 +115,20 @@ def _relaunch(nproc: int, train_args: list[str], progress: bool) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("--nproc starts torchrun itself; under torchrun, leave it out")
+    # --shutdown-timeout: after Ctrl-C or SIGTERM, workers finish the step and write a checkpoint before torchrun
+    # would SIGKILL them (its default is 30 s)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
                "-m", "qelalora", "train", *train_args, *([] if progress else ["--no-progress"])]
     child = subprocess.Popen(command)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers, which checkpoint and stop
+    # Ctrl-C from the terminal reaches the workers themselves; a SIGTERM sent to this process is passed on.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))}
     try:
         code = child.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     sys.exit(code)
 
 
@@ -334,7 +343,7 @@ def evaluate_onnx(
         model.use_adapter(adapter)
     section = DataSection(**model.info["data"])
     if data is not None:
-        section.source = data
+        section.source, section.splits = data, None  # the recipe's split files belong to its own data
     if split not in ("test", "val", "train"):
         raise UserError(f"--split must be test, val or train, got {split!r}")
     examples = getattr(load_task_data(section, model.task, model.tokenizer, model.info.get("num_labels") or 2), split)

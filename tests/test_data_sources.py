@@ -146,3 +146,27 @@ def test_readme_recipe_a_datasets_folder_with_string_labels_trains(tmp_path, tin
 def test_a_hub_dataset_offline_fails_at_once_with_one_paragraph(tok):
     with pytest.raises(DataError, match="cannot load dataset 'someone/reviews' \\(offline, and not in the local datasets cache\\)"):
         load_task_data(DataSection(source="hf:someone/reviews"), "seq-cls", tok)
+
+
+def test_single_split_sources_bring_class_names_and_withheld_test_labels_are_cut_from_train(tmp_path, tok):
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = [{"text": r["text"], "label": i % 2} for i, r in enumerate(_reviews(40))]
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(tmp_path / "one"))
+    data = load_task_data(DataSection(source=str(tmp_path / "one"), val_size=4, test_size=4), "seq-cls", tok)
+    assert data.label_names == ["neg", "pos"] and data.sizes() == {"train": 32, "val": 4, "test": 4}
+    hidden = [{**r, "label": -1} for r in rows[:10]]  # a hub-style test split with its labels withheld
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows, features=features),
+                          "test": datasets.Dataset.from_list(hidden, features=features)}).save_to_disk(str(tmp_path / "two"))
+    data = load_task_data(DataSection(source=str(tmp_path / "two"), val_size=4, test_size=6), "seq-cls", tok)
+    assert data.sizes() == {"train": 30, "val": 4, "test": 6}  # test cut from train, not the unlabelled split
+
+
+def test_a_conversation_opening_with_the_assistant_does_not_learn_the_template_header(tmp_path, tok):
+    tok.chat_template = ("<system> be brief [EOS] {% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [EOS] {% endfor %}"
+                         "{% if add_generation_prompt %}<assistant> {% endif %}")
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "assistant", "content": "lovely warm film"},
+                                                                {"role": "user", "content": "thanks"}]}] * 10)
+    data = load_task_data(DataSection(source=str(path), max_length=64, val_size=1, test_size=1), "causal-lm", tok)
+    learned = tok.decode([t for t, label in zip(data.train[0]["input_ids"], data.train[0]["labels"]) if label != IGNORE])
+    assert "lovely warm film" in learned and "brief" not in learned and "thanks" not in learned
+    tok.chat_template = None

@@ -21,12 +21,23 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) ->
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def _opening(tokenizer) -> str:
+    """What the template puts before a conversation's first turn (a default system prompt, the assistant
+    header) when that turn is the assistant's: not to be learned."""
+    from jinja2 import TemplateError
+
+    try:
+        return _render(tokenizer, [], generation_prompt=True)
+    except (TemplateError, IndexError, ValueError):  # templates that cannot render an empty conversation
+        return ""
+
+
 def _assistant_spans(tokenizer, messages: list[dict], full: str, where: str) -> list[tuple[int, int]]:
     spans = []
     for i, message in enumerate(messages):
         if message.get("role") != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True) if i else _opening(tokenizer)
         upto = _render(tokenizer, messages[: i + 1])
         if not (full.startswith(prompt) and full.startswith(upto)):
             raise DataError(f"{where}: the chat template renders earlier turns differently once later ones follow, "
@@ -51,8 +62,9 @@ def chat_examples(records: list[dict], section: DataSection, tokenizer) -> list[
     if not records:
         return []
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{section.source}: chat records need a tokenizer with a chat template, and this model's has none "
-                        "(use prompt_field / completion_field records, or a chat model)")
+        raise DataError(f"{section.source}: chat records need a tokenizer with a chat template, and this one has none "
+                        "(use a chat model, or prompt_field / completion_field records; ONNX folders' torch-free "
+                        "tokenizer cannot render chat templates, so evaluate chat runs with PyTorch)")
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{section.source}: chat records need a fast tokenizer (character offsets)")
     out = []

@@ -85,20 +85,28 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+class MainProcessFailed(UserError):
+    """The main process failed at a step the others wait for; its own message says why."""
+
+
 def from_main(procs: Processes, action: Callable[[], T]) -> T:
-    """Run `action` on the main process only and give its result, or its user error, to every process."""
+    """Run `action` on the main process only and give its result, or its failure, to every process (so that a
+    failure there never leaves the others waiting in a collective)."""
     if not procs.active:
         return action()
     box: list = [None]
+    failure: BaseException | None = None
     if procs.main:
         try:
             box[0] = ("ok", action())
         except UserError as err:
-            box[0] = ("error", err)
+            box[0], failure = ("error", err), err
+        except BaseException as err:  # re-raised below, after the others have been told
+            box[0], failure = ("error", MainProcessFailed(f"the main process failed: {type(err).__name__}: {err}")), err
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
-        raise value
+        raise failure if failure is not None else value
     return value
 
 
@@ -127,8 +135,9 @@ class GradientAverager:
         grads = [p.grad for p in params if p.grad is not None]
         n = float(loss_terms(batch, self.task))
         device = grads[0].device if grads else batch["labels"].device
-        tail = torch.tensor([loss * n, n, float(self.stop_requested)], dtype=torch.float32, device=device)
-        flat = torch.cat([g.reshape(-1).float() * n for g in grads] + [tail])
+        # a shard with no loss terms (every label ignored) has a NaN mean loss: it contributes nothing
+        tail = torch.tensor([loss * n if n else 0.0, n, float(self.stop_requested)], dtype=torch.float32, device=device)
+        flat = torch.cat([g.reshape(-1).float() * n if n else torch.zeros(g.numel(), device=device) for g in grads] + [tail])
         dist.all_reduce(flat)
         total = flat[-2]
         offset = 0

@@ -35,7 +35,7 @@ from . import sources
 from .chat import chat_examples, pack
 from .recipe import DataSection
 
-BUILTIN = ("rotten-tomatoes", "python-docs", "python-stdlib")
+BUILTIN = sources.BUILTIN
 MAX_FIELD_CHARS = 1_000_000
 csv.field_size_limit(MAX_FIELD_CHARS)
 
@@ -213,8 +213,8 @@ def completion_examples(records: list[dict], section: DataSection, tokenizer) ->
         completion = tokenizer(_as_text(_field(r, section.completion_field, where), where), add_special_tokens=False)["input_ids"]
         ids = (prompt + completion + eos)[: section.max_length]
         labels = ([-100] * len(prompt) + completion + eos)[: section.max_length]
-        if all(label == -100 for label in labels):
-            continue  # the prompt alone fills max_length: nothing to learn from
+        if all(label == -100 for label in labels[1:]):
+            continue  # the prompt alone fills max_length (the first label is never predicted): nothing to learn
         out.append({"input_ids": ids, "labels": labels})
     return out
 
@@ -257,7 +257,7 @@ def _cut(items: list, section: DataSection, need_val: bool, need_test: bool) -> 
 def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int = 2) -> TaskData:
     """Read, split and tokenise the data for `task` ("seq-cls" or "causal-lm")."""
     given = sources.given_splits(section, read_records)
-    records = [r for part in given.parts.values() for r in part] if given.parts else read_records(section)
+    records = [r for part in given.parts.values() for r in part] if given.parts else (given.records or read_records(section))
     names = label_names_of(records, section, num_labels, given.class_names) if task == "seq-cls" else None
     running_text = task == "causal-lm" and not section.prompt_field and not _is_chat(records, section)
     if given.parts:

@@ -28,9 +28,15 @@ SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev")
 class SourceSplits:
     parts: dict[str, list[dict]]  # qelalora split name -> records; only the splits the data gives
     class_names: list[str] | None = None  # a ClassLabel's names, in id order
+    records: list[dict] | None = None  # a datasets source with no splits to keep: all its records
+
+
+BUILTIN = ("rotten-tomatoes", "python-docs", "python-stdlib")
 
 
 def is_datasets_source(source: str) -> bool:
+    if source in BUILTIN:  # a folder of that name in the working directory does not hide a built-in set
+        return False
     path = Path(source)
     return source.startswith(HUB_PREFIX) or path.suffix.lower() in FILE_BUILDERS or path.is_dir()
 
@@ -91,12 +97,27 @@ def _split_of(loaded, split: str, source: str):
     return loaded[split]
 
 
+def _only_split(loaded, source: str):
+    """The one split to use of a source without splits to keep: its train split, or its only one."""
+    if not hasattr(loaded, "keys"):
+        return loaded
+    if "train" in loaded:
+        return loaded["train"]
+    if len(loaded) == 1:
+        return loaded[next(iter(loaded))]
+    raise DataError(f"{source} has no train split (its splits: {', '.join(loaded)}); name one with data.splits.train")
+
+
 def read_source(section: DataSection) -> list[dict]:
     """All records of a datasets source that has no splits of its own to keep (its train split if it has several)."""
-    loaded = _load(section.source)
-    if hasattr(loaded, "keys"):
-        loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
-    return _records(loaded, section.source)
+    return _records(_only_split(_load(section.source), section.source), section.source)
+
+
+def _unlabelled(dataset, label_field: str) -> bool:
+    """A split whose labels are all -1: a hub test split with its labels withheld."""
+    if label_field not in (dataset.column_names or []) or len(dataset) == 0:
+        return False
+    return all(v == -1 for v in dataset[label_field])
 
 
 def given_splits(section: DataSection, read_file) -> SourceSplits:
@@ -126,11 +147,13 @@ def given_splits(section: DataSection, read_file) -> SourceSplits:
         return SourceSplits({})
     loaded = _load(section.source)
     if not hasattr(loaded, "keys") or "train" not in loaded or len(loaded) < 2:
-        return SourceSplits({})
+        only = _only_split(loaded, section.source)
+        return SourceSplits({}, _class_names(only, section.label_field), _records(only, section.source))
     parts, names = {}, None
     for ours, candidates in SPLIT_NAMES.items():
-        theirs = next((c for c in candidates if c in loaded), None)
-        if theirs is not None:
-            parts[ours] = _records(loaded[theirs], f"{section.source} [{theirs}]")
-            names = names or _class_names(loaded[theirs], section.label_field)
+        theirs = next((c for c in candidates if c in loaded and len(loaded[c]) > 0), None)
+        if theirs is None or (ours != "train" and _unlabelled(loaded[theirs], section.label_field)):
+            continue  # absent, empty, or labels withheld: cut from train instead
+        parts[ours] = _records(loaded[theirs], f"{section.source} [{theirs}]")
+        names = names or _class_names(loaded[theirs], section.label_field)
     return SourceSplits(parts, names)
