@@ -105,16 +105,17 @@ def edge_decode_step(edge: EdgeModel, prompt: list[int]):
     return lambda: edge.session.run(["logits"], step_feed)
 
 
-def variants(formats: list[str], int4_algos: list[str], accuracy_levels: list[int | None]) -> list[tuple[str, str, WeightOnly]]:
-    """(label, format, weight-only settings): each int4 algorithm and CPU compute type is its own row."""
+def variants(formats: list[str], int4_algos: list[str], accuracy_levels: list[int | None],
+             heads: tuple[bool, ...] = (False,)) -> list[tuple[str, str, WeightOnly]]:
+    """(label, format, weight-only settings): each int4 algorithm, CPU compute type and head choice is its own row."""
     out = []
     for fmt in formats:
         if fmt in ("merged-int4", "merged-int8"):
             algos = int4_algos if fmt == "merged-int4" else ["rtn"]
-            for algo in algos:
-                for level in accuracy_levels:
-                    label = fmt if (algo, level) == ("rtn", None) else f"{fmt}[{algo}{'' if level is None else f',acc{level}'}]"
-                    out.append((label, fmt, WeightOnly(algo, accuracy_level=level)))
+            for algo, level, keep in ((a, l, k) for a in algos for l in accuracy_levels for k in heads):
+                tags = ([] if algo == "rtn" else [algo]) + ([] if level is None else [f"acc{level}"]) + (["head-fp32"] if keep else [])
+                label = f"{fmt}[{','.join(tags)}]" if tags else fmt
+                out.append((label, fmt, WeightOnly(algo, accuracy_level=level, keep_head=keep)))
         else:
             out.append((fmt, fmt, WeightOnly()))
     return out
@@ -179,9 +180,11 @@ def main() -> None:
     parser.add_argument("--int4-algos", nargs="+", default=["rtn"], choices=INT4_ALGOS)
     parser.add_argument("--accuracy-levels", nargs="+", default=["default"], choices=["default", "1", "2", "3", "4"],
                         help="MatMulNBits CPU compute types to compare (default = ONNX Runtime's choice)")
+    parser.add_argument("--keep-head", nargs="+", default=["no"], choices=["no", "yes"],
+                        help="quantise the output projection (no), leave it unquantised (yes), or compare both")
     args = parser.parse_args()
     levels = [None if v == "default" else int(v) for v in args.accuracy_levels]
-    rows = variants(args.formats, args.int4_algos, levels)
+    rows = variants(args.formats, args.int4_algos, levels, tuple(v == "yes" for v in args.keep_head))
     torch.set_grad_enabled(False)
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")

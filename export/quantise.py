@@ -30,10 +30,11 @@ class WeightOnly:
     block_size: int = 32
     symmetric: bool = False  # symmetric int4 wrecked SmolLM2 (perplexity x50) where asymmetric cost +53%
     accuracy_level: int | None = None
+    keep_head: bool = False  # leave the output projection (LM head / classifier) unquantised
 
     def to_dict(self, bits: int) -> dict:
         return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level}
+                "accuracy_level": self.accuracy_level, "keep_head": self.keep_head}
 
 
 class _QuietRootLogger:
@@ -63,6 +64,16 @@ def calibration_feeds(model_path: Path, rows: list[list[int]]) -> list[dict[str,
     return feeds
 
 
+def output_projection(model) -> str | None:
+    """The MatMul (or Gemm) that makes the graph's `logits` (through a bias Add, if any): the LM head or
+    classifier. Encoders' classifiers are usually a Gemm, which the weight-only quantiser leaves alone anyway."""
+    producer = {out: node for node in model.graph.node for out in node.output}
+    node = producer.get("logits")
+    while node is not None and node.op_type in ("Add", "Cast", "Identity", "Reshape"):
+        node = next((producer[i] for i in node.input if i in producer), None)
+    return node.name if node is not None and node.op_type in ("MatMul", "Gemm") else None
+
+
 def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_rows: list[list[int]] | None = None) -> None:
     """Replace `path` (an ONNX model) by its weight-only quantised version."""
     import onnx
@@ -90,9 +101,11 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
     else:
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
                                                     accuracy_level=options.accuracy_level, bits=bits)
+    model = onnx.load(str(path))
+    head = output_projection(model) if options.keep_head else None
     quantizer = nbits.MatMulNBitsQuantizer(
-        onnx.load(str(path)), bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
-        accuracy_level=options.accuracy_level, algo_config=config,
+        model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
+        accuracy_level=options.accuracy_level, algo_config=config, nodes_to_exclude=[head] if head else None,
     )
     with _QuietRootLogger():
         quantizer.process()

@@ -237,3 +237,20 @@ def test_weight_only_algorithms_stay_close_to_pytorch(arch, request, tmp_path):
     assert rel["merged-int8", "rtn"] < 0.02
     assert all(rel["merged-int4", a] < 0.3 for a in INT4_ALGOS)
     assert rel["merged-int8", "rtn"] < min(rel["merged-int4", a] for a in INT4_ALGOS)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_keep_head_leaves_the_output_projection_unquantised(arch, request, tmp_path):
+    from qelalora.export.quantise import WeightOnly, output_projection
+
+    run = request.getfixturevalue(f"{arch}_run")
+    diffs = {}
+    for keep in (False, True):
+        folder = tmp_path / f"keep-{keep}"
+        info = export_run(run, folder, "merged-int4", quant=WeightOnly(keep_head=keep), log=lambda *a: None)
+        graph = onnx.load(str(folder / "model.onnx"))
+        head = output_projection(graph)  # None when the head became a MatMulNBits
+        assert info["weight_only"]["keep_head"] == keep and any(n.op_type == "MatMulNBits" for n in graph.graph.node)
+        assert (head is not None) == (keep or arch == "bert")  # BERT's classifier is a Gemm: never 4-bit
+        diffs[keep] = info["parity"]["max_abs_logit_diff"]
+    assert (diffs[True] != diffs[False]) == (arch == "llama")

@@ -171,10 +171,11 @@ def broadcast_params(params: Sequence[torch.Tensor]) -> None:
         dist.broadcast(p.data, src=0)
 
 
-def rng_states(procs: Processes) -> list[dict[str, torch.Tensor]]:
-    """Every process's random-number state (dropout), gathered on all of them; for the main one's checkpoint."""
+def rng_states(procs: Processes, device: str) -> list[dict[str, torch.Tensor]]:
+    """Every process's random-number state (dropout), gathered on all of them; for the main one's checkpoint.
+    The CUDA state only when training on CUDA (reading it would open a CUDA context on a CPU run)."""
     mine = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if device.startswith("cuda"):
         mine["cuda"] = torch.cuda.get_rng_state()
     if not procs.active:
         return [mine]

@@ -384,7 +384,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, log, pro
         ckpt.write_json_atomic(run_dir / "memory_plan.json", run.plan.to_dict())
 
     def save_ckpt():
-        rng = distributed.rng_states(procs)  # every process's dropout state, for an exact resume
+        rng = distributed.rng_states(procs, run.device)  # every process's dropout state, for an exact resume
         extra = {"data": run.stream.state_dict(), "elapsed": time.time() - started}
         distributed.from_main(procs, lambda: ckpt.save_checkpoint(run_dir, state, extra, t.keep_checkpoints, rng))
 
