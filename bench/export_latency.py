@@ -27,7 +27,7 @@ import onnx
 import torch
 
 from qelalora.export.exporter import FORMATS, export_run
-from qelalora.export.quantise import INT4_ALGOS, WeightOnly
+from qelalora.export.quantise import HEADS, INT4_ALGOS, WeightOnly
 from qelalora.export.runtime import EdgeModel
 from qelalora.export.trained import heldout_examples, load_trained
 
@@ -106,16 +106,18 @@ def edge_decode_step(edge: EdgeModel, prompt: list[int]):
 
 
 def variants(formats: list[str], int4_algos: list[str], accuracy_levels: list[int | None],
-             heads: tuple[bool, ...] = (False,)) -> list[tuple[str, str, WeightOnly]]:
+             heads: tuple[str, ...] = ("same",)) -> list[tuple[str, str, WeightOnly]]:
     """(label, format, weight-only settings): each int4 algorithm, CPU compute type and head choice is its own row."""
     out = []
     for fmt in formats:
         if fmt in ("merged-int4", "merged-int8"):
             algos = int4_algos if fmt == "merged-int4" else ["rtn"]
-            for algo, level, keep in ((a, l, k) for a in algos for l in accuracy_levels for k in heads):
-                tags = ([] if algo == "rtn" else [algo]) + ([] if level is None else [f"acc{level}"]) + (["head-fp32"] if keep else [])
+            for algo, level, head in ((a, l, h) for a in algos for l in accuracy_levels for h in heads):
+                if fmt == "merged-int8" and head == "int8":
+                    continue  # the same as "same"
+                tags = ([] if algo == "rtn" else [algo]) + ([] if level is None else [f"acc{level}"]) + ([] if head == "same" else [f"head-{head}"])
                 label = f"{fmt}[{','.join(tags)}]" if tags else fmt
-                out.append((label, fmt, WeightOnly(algo, accuracy_level=level, keep_head=keep)))
+                out.append((label, fmt, WeightOnly(algo, accuracy_level=level, head=head)))
         else:
             out.append((fmt, fmt, WeightOnly()))
     return out
@@ -180,11 +182,11 @@ def main() -> None:
     parser.add_argument("--int4-algos", nargs="+", default=["rtn"], choices=INT4_ALGOS)
     parser.add_argument("--accuracy-levels", nargs="+", default=["default"], choices=["default", "1", "2", "3", "4"],
                         help="MatMulNBits CPU compute types to compare (default = ONNX Runtime's choice)")
-    parser.add_argument("--keep-head", nargs="+", default=["no"], choices=["no", "yes"],
-                        help="quantise the output projection (no), leave it unquantised (yes), or compare both")
+    parser.add_argument("--heads", nargs="+", default=["same"], choices=list(HEADS),
+                        help="how the output projection is quantised: like the rest, 8-bit, or float (compare several)")
     args = parser.parse_args()
     levels = [None if v == "default" else int(v) for v in args.accuracy_levels]
-    rows = variants(args.formats, args.int4_algos, levels, tuple(v == "yes" for v in args.keep_head))
+    rows = variants(args.formats, args.int4_algos, levels, tuple(args.heads))
     torch.set_grad_enabled(False)
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 INT4_ALGOS = ("rtn", "hqq", "k-quant", "gptq")
+HEADS = ("same", "int8", "float")  # the output projection: quantised like the rest, 8-bit (RTN), or left in float
 CALIBRATION_EXAMPLES = 16
 
 
@@ -30,11 +31,11 @@ class WeightOnly:
     block_size: int = 32
     symmetric: bool = False  # symmetric int4 wrecked SmolLM2 (perplexity x50) where asymmetric cost +53%
     accuracy_level: int | None = None
-    keep_head: bool = False  # leave the output projection (LM head / classifier) unquantised
+    head: str = "same"  # the output projection (LM head / classifier): one of HEADS
 
     def to_dict(self, bits: int) -> dict:
         return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "keep_head": self.keep_head}
+                "accuracy_level": self.accuracy_level, "head": self.head}
 
 
 class _QuietRootLogger:
@@ -82,6 +83,8 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
 
     if options.algo not in INT4_ALGOS:
         raise ValueError(f"unknown weight-only algorithm {options.algo!r}; choose one of {', '.join(INT4_ALGOS)}")
+    if options.head not in HEADS:
+        raise ValueError(f"unknown head choice {options.head!r}; choose one of {', '.join(HEADS)}")
     if options.algo == "hqq":
         config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
     elif options.algo == "k-quant":
@@ -102,13 +105,21 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
                                                     accuracy_level=options.accuracy_level, bits=bits)
     model = onnx.load(str(path))
-    head = output_projection(model) if options.keep_head else None
+    head = output_projection(model) if options.head != "same" else None
     quantizer = nbits.MatMulNBitsQuantizer(
         model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
         accuracy_level=options.accuracy_level, algo_config=config, nodes_to_exclude=[head] if head else None,
     )
     with _QuietRootLogger():
         quantizer.process()
+        model = quantizer.model.model
+        if head and options.head == "int8" and bits < 8:
+            # second pass: the only MatMul with a constant weight left is the head
+            eight = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+                                                       accuracy_level=options.accuracy_level, bits=8)
+            quantizer = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=options.block_size, is_symmetric=options.symmetric,
+                                                   accuracy_level=options.accuracy_level, algo_config=eight)
+            quantizer.process()
     quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
 
 

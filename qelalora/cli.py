@@ -258,7 +258,7 @@ def export(
     int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 / merged-int8 (MatMulNBits).")] = 32,
     int4_symmetric: Annotated[bool, typer.Option(help="Symmetric blocks (no zero points; default asymmetric).")] = False,
     accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits CPU compute type: 4 = int8 activations (fastest), 1 = fp32; default ONNX Runtime's.")] = None,
-    keep_head: Annotated[bool, typer.Option(help="merged-int4 / merged-int8: leave the output projection (LM head, classifier) unquantised.")] = False,
+    head: Annotated[str, typer.Option(help="merged-int4 / merged-int8: the output projection (LM head, classifier): same (quantised like the rest), int8, or float.")] = "same",
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
 ):
@@ -281,13 +281,15 @@ def export(
         ranks = export_adapter_only(run_dir, adapter_only, overwrite)
         typer.echo(f"wrote {adapter_only}: total rank {sum(ranks.values())} over {sum(1 for r in ranks.values() if r)} live layers")
         return
-    from .export.quantise import INT4_ALGOS, WeightOnly
+    from .export.quantise import HEADS, INT4_ALGOS, WeightOnly
 
     if int4_algo not in INT4_ALGOS:
         raise UserError(f"--int4-algo: one of {', '.join(INT4_ALGOS)}, got {int4_algo!r}")
     if format_ == "merged-int8" and int4_algo != "rtn":
         raise UserError("merged-int8 is round-to-nearest only; --int4-algo applies to merged-int4")
-    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level, keep_head)
+    if head not in HEADS:
+        raise UserError(f"--head: one of {', '.join(HEADS)}, got {head!r}")
+    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level, head)
     export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples)
 
 
