@@ -32,6 +32,7 @@ from qelalora.export.runtime import EdgeModel
 from qelalora.export.trained import heldout_examples, load_trained
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+EXPORTS = Path("bench/out/exports")  # the exported folders (GBs; bench/out is not versioned)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -191,7 +192,7 @@ def main() -> None:
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")
     report = {"date": time.strftime("%Y-%m-%d"), "read_bandwidth_bytes_per_s": bandwidth, "torch_threads": torch.get_num_threads(),
-              "runs": [bench_run(r, args.out.parent / "exports", args.repeats, bandwidth,
+              "runs": [bench_run(r, EXPORTS, args.repeats, bandwidth,
                                  {"seq-cls": args.cls_examples, "causal-lm": args.lm_examples}, rows) for r in args.run]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -30,7 +30,9 @@ class WeightOnly:
     algo: str = "rtn"
     block_size: int = 32
     symmetric: bool = False  # symmetric int4 wrecked SmolLM2 (perplexity x50) where asymmetric cost +53%
-    accuracy_level: int | None = None
+    # 4: int8 activations in the CPU kernels; on SmolLM2 it halved int4 decode time at +0.6% perplexity and kept
+    # MiniLM within 0.25 points (BENCHMARKS.md). None: ONNX Runtime's default (fp32 compute).
+    accuracy_level: int | None = 4
     head: str = "same"  # the output projection (LM head / classifier): one of HEADS
 
     def to_dict(self, bits: int) -> dict:

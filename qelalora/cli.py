@@ -257,7 +257,7 @@ def export(
     int4_algo: Annotated[str, typer.Option(help="Weight-only algorithm of merged-int4: rtn | hqq | k-quant | gptq (calibrated on the run's training examples).")] = "rtn",
     int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 / merged-int8 (MatMulNBits).")] = 32,
     int4_symmetric: Annotated[bool, typer.Option(help="Symmetric blocks (no zero points; default asymmetric).")] = False,
-    accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits CPU compute type: 4 = int8 activations (fastest), 1 = fp32; default ONNX Runtime's.")] = None,
+    accuracy_level: Annotated[int, typer.Option(help="MatMulNBits CPU compute type: 4 = int8 activations (the default: fastest, measured in BENCHMARKS.md), 1 = fp32, 0 = ONNX Runtime's default.", min=0, max=4)] = 4,
     head: Annotated[str, typer.Option(help="merged-int4 / merged-int8: the output projection (LM head, classifier): same (quantised like the rest), int8, or float.")] = "same",
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
@@ -289,7 +289,7 @@ def export(
         raise UserError("merged-int8 is round-to-nearest only; --int4-algo applies to merged-int4")
     if head not in HEADS:
         raise UserError(f"--head: one of {', '.join(HEADS)}, got {head!r}")
-    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level, head)
+    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head)
     export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples)
 
 
