@@ -22,14 +22,15 @@ import torch
 from qelalora.run.checkpoint import write_json_atomic
 from qelalora.errors import RunDirError, UserError
 
-from . import graphs, parity
+from . import genai, graphs, parity
 from .modules import branch_matrices, merge_model, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
 from .runtime import SUMMARY, EdgeModel
 from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
 from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample
 
-FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters", "swappable")
+FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters", "swappable",
+           "genai")
 ADAPTER_FILE = "adapter.onnx_adapter"
 
 
@@ -123,6 +124,7 @@ def export_run(
     parity_examples: int = 8,
     metric_examples: int = 500,
     log=print,
+    genai_precision: str = "int4",
 ) -> dict:
     """Export a finished run in one format, check it, and return the summary."""
     if fmt not in FORMATS:
@@ -141,6 +143,8 @@ def export_run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        if fmt == "genai":
+            return _export_genai(run, run_dir, out_dir, tmp, ref, pruned, genai_precision, started, log)
         _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
         run.tokenizer.save_pretrained(tmp)
         _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
@@ -171,6 +175,22 @@ def export_run(
         f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
+    return info
+
+
+def _export_genai(run, run_dir: Path, out_dir: Path, tmp: Path, ref, pruned, precision: str, started: float, log) -> dict:
+    genai.build(run, tmp, precision, _edge_config(run))
+    info = {"format": "genai", "precision": precision, "task": run.task, "base_model": run.recipe.model.name,
+            "eos_token_id": run.tokenizer.eos_token_id, "prune": pruned.to_dict(),
+            "ranks": {n: l.rank for n, l in run.layers.items()}, "run_dir": str(run_dir)}
+    result = genai.check(tmp, ref, precision)
+    info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
+    write_json_atomic(tmp / SUMMARY, info)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    log(f"exported genai ({precision}) to {out_dir}: {sum(info['files'].values()) / 2**20:.2f} MiB; "
+        f"greedy tokens equal to PyTorch: {result['greedy_tokens_equal']}; run it with onnxruntime_genai.Model")
     return info
 
 

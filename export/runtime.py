@@ -61,6 +61,9 @@ class EdgeModel:
             raise UserError(f"{folder} is not a qelalora export (needs model.onnx and {SUMMARY}); run qelalora export first")
         self.folder = folder
         self.info = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+        if self.info.get("format") == "genai":
+            raise UserError(f"{folder} is an ONNX Runtime GenAI folder: run it with onnxruntime_genai "
+                            "(og.Model, og.Generator); qelalora infer / eval run the other formats")
         self.task = self.info["task"]
         options = ort.SessionOptions()
         if threads:

@@ -250,7 +250,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder."
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
-    format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 (weight-only) | merged-int8-dynamic | nf4-adapters | swappable")] = "nf4-adapters",
+    format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 (weight-only) | merged-int8-dynamic | nf4-adapters | swappable | genai (ONNX Runtime GenAI folder, decoders)")] = "nf4-adapters",
+    genai_precision: Annotated[str, typer.Option(help="genai: int4 (default), fp16 or fp32.")] = "int4",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN_DIR/onnx-FORMAT).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     prune_threshold: Annotated[float, typer.Option(help="Drop triplets whose update has spectral norm below this.")] = 1e-6,
@@ -290,7 +291,8 @@ def export(
     if head not in HEADS:
         raise UserError(f"--head: one of {', '.join(HEADS)}, got {head!r}")
     quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head)
-    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples)
+    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
+               genai_precision=genai_precision)
 
 
 @app.command()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from qelalora.errors import UserError
 from qelalora.export.exporter import FORMATS, export_adapter_only, export_run
 from qelalora.export.parity import THRESHOLDS
 from qelalora.export.runtime import EdgeModel
@@ -50,7 +51,7 @@ def llama_lora_start_run(tmp_path_factory, tiny_llama_dir):
     return _train(tmp_path_factory, "llama-lora-start", tiny_llama_dir, True, init="lora", gamma=0.0, lr_mult_B=4.0)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "genai"])  # genai: its own test below
 @pytest.mark.parametrize("arch", ["bert", "llama", "bert_residual", "llama_lora_start"])
 def test_every_format_exports_and_passes_parity(fmt, arch, request, tmp_path):
     run = request.getfixturevalue(f"{arch}_run")
@@ -260,3 +261,24 @@ def test_the_output_projection_can_stay_float_or_take_8_bits(arch, request, tmp_
         assert len(set(diffs.values())) == 3  # three different graphs (on the tiny model other layers dominate the error)
     else:  # BERT's classifier is a Gemm, which weight-only quantisation leaves alone: all three are one graph
         assert bits["same"] == bits["float"] == bits["int8"] == [4] and len(set(diffs.values())) == 1
+
+
+def test_genai_folder_builds_and_generates(llama_run, bert_run, tmp_path):
+    """ONNX Runtime GenAI's builder on the tiny Llama: the folder loads in og.Model and generates. Exact greedy
+    parity is asserted for fp32 by the exporter itself and holds on SmolLM2 (BENCHMARKS.md); on these tiny random
+    Llamas og's logits differ from transformers' by ~0.4 even at position 0 (any head size), so it is not
+    asserted here."""
+    from qelalora.export import genai
+    from qelalora.export.runtime import EdgeModel
+
+    if not genai.available():
+        pytest.skip("onnxruntime-genai is not installed (pip install 'qelalora[genai]')")
+    info = export_run(llama_run, tmp_path / "int4", "genai", genai_precision="int4", log=lambda *a: None)
+    assert (tmp_path / "int4" / "genai_config.json").is_file() and info["precision"] == "int4"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops and info["parity"]["greedy_tokens"] >= 1
+    assert len(genai.generate_ids(tmp_path / "int4", [2, 10, 20], 5)) >= 1
+    with pytest.raises(UserError, match="ONNX Runtime GenAI folder"):
+        EdgeModel(tmp_path / "int4")
+    with pytest.raises(UserError, match="for decoders"):
+        export_run(bert_run, tmp_path / "bert", "genai", log=lambda *a: None)

@@ -1,0 +1,89 @@
+"""`--format genai`: a folder that ONNX Runtime GenAI (`onnxruntime_genai`, `og.Model` / `og.Generator`) loads and
+generates from, for decoders.
+
+Built with that package's own model builder from the merged checkpoint (the
+NF4 base dequantised with the adapters merged in, saved as a plain Hugging
+Face folder), at fp32, fp16 or int4 (its MatMulNBits, int8 CPU compute). Its
+LoRA path (`og.Adapters`) takes adapters of one rank per model, not the
+per-layer ranks ElaLoRA ends with, so the adapters are merged. The package is
+an optional extra (`pip install 'qelalora[genai]'`): its builder runs in a
+child process, and its release line is pinned to one whose builder works with
+the transformers that the ONNX exporter needs.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from qelalora.errors import UserError
+
+from .modules import merge_model
+from .parity import GREEDY_TOKENS, ParityError
+
+PRECISIONS = ("int4", "fp16", "fp32")
+
+
+def available() -> bool:
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def _require() -> None:
+    if not available():
+        raise UserError("--format genai needs ONNX Runtime GenAI: pip install 'qelalora[genai]'")
+
+
+def build(run, folder: Path, precision: str, config) -> None:
+    """Merge the run's adapters into its base and let ONNX Runtime GenAI's builder write `folder`."""
+    _require()
+    if run.task != "causal-lm":
+        raise UserError("--format genai is for decoders (causal LMs); export encoders as merged-* or nf4-adapters")
+    if precision not in PRECISIONS:
+        raise UserError(f"--genai-precision: one of {', '.join(PRECISIONS)}, got {precision!r}")
+    model = copy.deepcopy(run.model)
+    merge_model(model)
+    model.config = config  # the edge config: no training-time quantisation block
+    with tempfile.TemporaryDirectory(prefix="qelalora-genai-") as tmp:
+        checkpoint, cache = Path(tmp) / "merged", Path(tmp) / "cache"
+        model.save_pretrained(checkpoint, safe_serialization=True)
+        run.tokenizer.save_pretrained(checkpoint)
+        done = subprocess.run(
+            [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
+             "-p", precision, "-e", "cpu", "-c", str(cache)],
+            capture_output=True, text=True,
+        )
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
+        raise UserError(f"ONNX Runtime GenAI's builder could not build this model: {last[:400]}")
+
+
+def generate_ids(folder: Path, prompt: list[int], max_new_tokens: int = GREEDY_TOKENS) -> list[int]:
+    """Greedy decoding with og.Generator; stops at the model's end-of-sequence token as PyTorch's generate does."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    new: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        new.append(int(generator.get_next_tokens()[0]))
+    return new
+
+
+def check(folder: Path, ref, precision: str) -> dict:
+    """Greedy tokens against PyTorch's: must be equal for fp32; reported for fp16 and int4."""
+    tokens = generate_ids(folder, ref.greedy_prompt)
+    n = min(len(tokens), len(ref.greedy_tokens))
+    mismatch = next((i for i in range(n) if tokens[i] != ref.greedy_tokens[i]), None if len(tokens) == len(ref.greedy_tokens) else n)
+    result = {"greedy_tokens_equal": tokens == ref.greedy_tokens, "greedy_first_mismatch": mismatch,
+              "greedy_tokens": len(tokens), "metric": "perplexity", "metric_pytorch": ref.metric["perplexity"]}
+    if precision == "fp32" and not result["greedy_tokens_equal"]:
+        raise ParityError(f"genai fp32: greedy generation differs from PyTorch at token {mismatch}")
+    return result
