@@ -87,6 +87,12 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
         raise ValueError(f"unknown weight-only algorithm {options.algo!r}; choose one of {', '.join(INT4_ALGOS)}")
     if options.head not in HEADS:
         raise ValueError(f"unknown head choice {options.head!r}; choose one of {', '.join(HEADS)}")
+    if options.head != "same" and options.algo == "gptq":
+        from qelalora.errors import UserError
+
+        # measured on SmolLM2: with gptq the excluded head came out 4-bit all the same (same file, same perplexity)
+        raise UserError("--head int8/float works with rtn, hqq and k-quant; ONNX Runtime's GPTQ path quantises "
+                        "every MatMul whatever is excluded")
     if options.algo == "hqq":
         config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
     elif options.algo == "k-quant":
