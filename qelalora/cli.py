@@ -271,7 +271,7 @@ def export(
 
       qelalora export runs/mine -f merged-int4 --int4-algo gptq --accuracy-level 4
 
-      qelalora export runs/smollm2 -f genai --genai-precision int4      (needs qelalora[genai])
+      qelalora export runs/smollm2 -f genai --genai-precision int4      (needs the genai extra)
 
       qelalora export runs/mine -f swappable -o edge/model
 
