@@ -119,19 +119,6 @@ def suite(name: str) -> list[Cell]:
 # ---------------------------------------------------------------- one cell (runs in a worker process)
 
 
-def _rss_reset_peak() -> int:
-    """Reset the kernel's peak-RSS mark and return the current RSS, so the peak seen later is this phase's."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _status_kib("VmRSS") * 1024
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _load_data(cell: Cell, recipe, tokenizer, spec):
     """Tokenised train and held-out (cell.split) examples; the causal-LM blocks are cached (tokenising the docs takes a while)."""
     from qelalora.run.records import load_task_data
@@ -396,6 +383,7 @@ def run_cell(cell: Cell, threads: int) -> dict:
     from transformers import AutoTokenizer
 
     from qelalora.base import embedded
+    from qelalora.base.footprint import PeakRSS, current_rss_bytes
     from qelalora.run.data import BatchStream, evaluate
     from qelalora.base.models import load_base_model, target_paths
     from qelalora.run.recipe import load_recipe
@@ -419,7 +407,9 @@ def run_cell(cell: Cell, threads: int) -> dict:
     train, test, pad_id = _load_data(cell, recipe, tokenizer, spec)
     paths = target_paths(model, spec, recipe.model.targets or list(spec.targets))
 
-    rss_before = _rss_reset_peak()
+    rss = PeakRSS()
+    rss.reset()
+    rss_before = current_rss_bytes()
     method = (PeftMethod if cell.base_method in ("lora", "adalora") else ElaLoRAMethod)(cell, model, spec, paths, t, name)
     stream = BatchStream(train, t["batch"], pad_id, cell.seed)
     losses, step_times, lrs, probes = [], [], [], []
@@ -435,7 +425,7 @@ def run_cell(cell: Cell, threads: int) -> dict:
         if cell.probe and (step % cell.probe == 0 or step == 1):
             probes.append({"step": step, "loss": statistics.fmean(losses[-cell.probe:]), "layers": method.factors()})
     train_seconds = time.perf_counter() - started
-    peak_train = _status_kib("VmHWM") * 1024 - rss_before
+    peak_train = rss.peak() - rss_before
 
     eval_model = method.model if isinstance(method, PeftMethod) else model
 

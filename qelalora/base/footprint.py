@@ -14,6 +14,7 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -81,6 +82,27 @@ def current_rss_bytes() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """The process's peak RSS since the last `reset()`: Linux lets a process reset its own high-water mark
+    (/proc/self/clear_refs), so a phase's peak is its own even late in a long process. Elsewhere the peak
+    since the process started (getrusage), which is the same for a fresh `qelalora plan --measure`."""
+
+    def __init__(self):
+        self.resettable = Path("/proc/self/clear_refs").exists()
+
+    def reset(self) -> None:
+        if self.resettable:
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def peak(self) -> int:
+        if self.resettable:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def measured_peak(device: str, baseline_rss: int) -> dict:

@@ -71,11 +71,11 @@ def _rng_prefix(process: int) -> str:
     return "rng" if process == 0 else f"rng/process-{process}"
 
 
-def collect(state: TrainState, extra: dict, rng: list[dict] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def collect(state: TrainState, extra: dict, rng: list[dict]) -> tuple[dict[str, torch.Tensor], dict]:
     """Everything needed to continue `state` exactly: (tensors, JSON-able state).
 
-    `rng` holds every process's random-number states (several processes; see
-    run/distributed.py); by default this process's.
+    `rng` holds every process's random-number states (`distributed.rng_states`;
+    one entry for a single process).
     """
     tensors: dict[str, torch.Tensor] = {}
     params = state.trainable_params()
@@ -94,8 +94,6 @@ def collect(state: TrainState, extra: dict, rng: list[dict] | None = None) -> tu
                 tensors[f"optim/{idx}/{key}"] = value
             else:
                 scalars.setdefault(str(idx), {})[key] = value
-    if rng is None:
-        rng = [{"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}]
     for process, states in enumerate(rng):
         for kind, value in states.items():
             tensors[f"{_rng_prefix(process)}/{kind}"] = value
@@ -115,7 +113,7 @@ def collect(state: TrainState, extra: dict, rng: list[dict] | None = None) -> tu
     return {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, meta
 
 
-def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, keep: int = 2, rng: list[dict] | None = None) -> Path:
+def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dict], keep: int = 2) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"

@@ -386,7 +386,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, log, pro
     def save_ckpt():
         rng = distributed.rng_states(procs, run.device)  # every process's dropout state, for an exact resume
         extra = {"data": run.stream.state_dict(), "elapsed": time.time() - started}
-        distributed.from_main(procs, lambda: ckpt.save_checkpoint(run_dir, state, extra, t.keep_checkpoints, rng))
+        distributed.from_main(procs, lambda: ckpt.save_checkpoint(run_dir, state, extra, rng, t.keep_checkpoints))
 
     budget_mb = mib(state.ranks.budget_bytes)
     bar = tqdm(total=t.steps, initial=state.step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)

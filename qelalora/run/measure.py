@@ -13,37 +13,13 @@ above the baseline, which also counts library code and allocator slack.
 from __future__ import annotations
 
 import gc
-import resource
-import sys
-from pathlib import Path
 
 import torch
 
-from ..base.footprint import current_rss_bytes
+from ..base.footprint import PeakRSS, current_rss_bytes
 from .job import _loss, build_run
 from .recipe import Recipe
 from .training import train_step
-
-
-class PeakRSS:
-    """The process's peak RSS since the last `reset()`: Linux lets a process reset its own high-water mark
-    (/proc/self/clear_refs), so a phase's peak is its own even late in a long process. Elsewhere the peak
-    since the process started (getrusage), which is the same for a fresh `qelalora plan --measure`."""
-
-    def __init__(self):
-        self.resettable = Path("/proc/self/clear_refs").exists()
-
-    def reset(self) -> None:
-        if self.resettable:
-            Path("/proc/self/clear_refs").write_text("5")
-
-    def peak(self) -> int:
-        if self.resettable:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024
 
 
 def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, device: str) -> dict:

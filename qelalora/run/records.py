@@ -26,7 +26,7 @@ import csv
 import io
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..base import embedded
@@ -249,9 +249,8 @@ def _documents(records: list[dict], section: DataSection) -> list[str]:
 
 def _cut(items: list, section: DataSection, need_val: bool, need_test: bool) -> tuple[list, list, list]:
     """The held-out splits the data did not give, cut from its train split by the seeded split's rule."""
-    cut = DataSection(**{**section.__dict__, "val_size": section.val_size if need_val else 0,
-                         "test_size": section.test_size if need_test else 0, "max_train_examples": None})
-    return _split(items, cut)
+    return _split(items, replace(section, val_size=section.val_size if need_val else 0,
+                                 test_size=section.test_size if need_test else 0, max_train_examples=None))
 
 
 def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int = 2) -> TaskData:
@@ -259,14 +258,14 @@ def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int =
     given = sources.given_splits(section, read_records)
     records = [r for part in given.parts.values() for r in part] if given.parts else (given.records or read_records(section))
     names = label_names_of(records, section, num_labels, given.class_names) if task == "seq-cls" else None
-    running_text = task == "causal-lm" and not section.prompt_field and not _is_chat(records, section)
+    chat = _is_chat(records, section)
+    running_text = task == "causal-lm" and not section.prompt_field and not chat
     if given.parts:
-        parts = {k: v for k, v in given.parts.items()}
         if running_text:
-            parts = {k: text_blocks(_documents(v, section), tokenizer, section.max_length) for k, v in parts.items()}
+            parts = {k: text_blocks(_documents(v, section), tokenizer, section.max_length) for k, v in given.parts.items()}
         else:
-            tokenise = _tokeniser(task, section, tokenizer, num_labels, names, _is_chat(records, section))
-            parts = {k: tokenise(v) for k, v in parts.items()}
+            tokenise = _tokeniser(task, section, tokenizer, num_labels, names, chat)
+            parts = {k: tokenise(v) for k, v in given.parts.items()}
         train, val, test = parts["train"], parts.get("val", []), parts.get("test", [])
         if "val" not in parts or "test" not in parts:
             train, cut_val, cut_test = _cut(train, section, "val" not in parts, "test" not in parts)
@@ -274,7 +273,7 @@ def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int =
         if section.max_train_examples is not None:
             train = train[: section.max_train_examples]
     elif not running_text:
-        tokenise = _tokeniser(task, section, tokenizer, num_labels, names, _is_chat(records, section))
+        tokenise = _tokeniser(task, section, tokenizer, num_labels, names, chat)
         train, val, test = (tokenise(part) for part in _split(records, section))
     else:
         blocks = text_blocks(_documents(_shuffled(records, section.split_seed), section), tokenizer, section.max_length)
