@@ -179,7 +179,8 @@ def main() -> None:
     parser.add_argument("--cls-examples", type=int, default=1000, help="held-out examples for the accuracy delta")
     parser.add_argument("--lm-examples", type=int, default=100, help="held-out blocks for the perplexity delta")
     parser.add_argument("--out", type=Path, default=Path("bench/out/export_latency.json"))
-    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    onnx_formats = [f for f in FORMATS if f != "genai"]  # genai folders run in onnxruntime_genai, not timed here
+    parser.add_argument("--formats", nargs="+", default=onnx_formats, choices=onnx_formats)
     parser.add_argument("--int4-algos", nargs="+", default=["rtn"], choices=INT4_ALGOS)
     parser.add_argument("--accuracy-levels", nargs="+", default=["default"], choices=["default", "1", "2", "3", "4"],
                         help="MatMulNBits CPU compute types to compare (default = ONNX Runtime's choice)")

@@ -135,7 +135,8 @@ def export_run(
     run = load_trained(run_dir)
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     examples = heldout_examples(run, max(parity_examples, metric_examples))
-    ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples], run.tokenizer.eos_token_id)
+    metric_rows = examples[:metric_examples] if fmt != "genai" else []  # genai is checked by its greedy tokens only
+    ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, metric_rows, run.tokenizer.eos_token_id)
     pruned = prune_adapters(run.layers, prune_threshold)
     log(f"pruned: total rank {sum(pruned.ranks_before.values())} -> {sum(pruned.ranks_after.values())}, "
         f"adapter weights {pruned.bytes_before / 1024:.1f} -> {pruned.bytes_after / 1024:.1f} KiB"
@@ -166,9 +167,7 @@ def export_run(
         result = parity.check(EdgeModel(tmp), ref, fmt, examples[:metric_examples])
         info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
         write_json_atomic(tmp / SUMMARY, info)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"exported {fmt} to {out_dir}: {sum(info['files'].values()) / 2**20:.2f} MiB; max |logit diff| "
@@ -176,6 +175,13 @@ def export_run(
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
     return info
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Put a checked export in place of `out_dir` (replacing an old one: --overwrite was checked first)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
 
 
 def _export_genai(run, run_dir: Path, out_dir: Path, tmp: Path, ref, pruned, precision: str, started: float, log) -> dict:
@@ -186,9 +192,7 @@ def _export_genai(run, run_dir: Path, out_dir: Path, tmp: Path, ref, pruned, pre
     result = genai.check(tmp, ref, precision)
     info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
     write_json_atomic(tmp / SUMMARY, info)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    _publish(tmp, out_dir)
     log(f"exported genai ({precision}) to {out_dir}: {sum(info['files'].values()) / 2**20:.2f} MiB; "
         f"greedy tokens equal to PyTorch: {result['greedy_tokens_equal']}; run it with onnxruntime_genai.Model")
     return info
