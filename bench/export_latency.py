@@ -69,7 +69,7 @@ def weight_bytes(path: Path) -> int:
 def encoder_rows(run, batch: int) -> list[list[int]]:
     examples = heldout_examples(run, batch)
     width = run.recipe.data.max_length
-    return [(e["input_ids"] + [run.tokenizer.pad_token_id or 0] * width)[:width] for e in examples[:batch]]
+    return [(list(e["input_ids"]) + [run.tokenizer.pad_token_id or 0] * width)[:width] for e in examples[:batch]]
 
 
 def torch_encoder(run, rows):
@@ -131,7 +131,7 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
     result = {"run": str(run_dir), "model": run.recipe.model.name, "task": run.task, "formats": {}}
     with torch.no_grad():
         if causal:
-            prompt = heldout_examples(run, 1)[0]["input_ids"][:128]
+            prompt = list(heldout_examples(run, 1)[0]["input_ids"][:128])
             ids = torch.tensor([prompt])
             torch_times = {"prefill_128": median_time(lambda: run.model(input_ids=ids), repeats),
                            "decode_token": median_time(torch_decode_step(run, prompt), repeats)}

@@ -73,7 +73,7 @@ def write_adapter_file(run: TrainedRun, path: Path) -> dict[str, int]:
 
 def _calibration_rows(run: TrainedRun) -> list[list[int]]:
     """Token rows for calibrating quantisers: a seeded sample of the run's own training examples."""
-    return [e["input_ids"] for e in seeded_sample(run.data.train, CALIBRATION_EXAMPLES)]
+    return [list(e["input_ids"]) for e in seeded_sample(run.data.train, CALIBRATION_EXAMPLES)]
 
 
 def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: WeightOnly) -> None:

@@ -54,9 +54,9 @@ def reference_outputs(model, task: str, examples: list[dict], pad_id: int, metri
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().numpy()
     mask = batch["attention_mask"].numpy()
     metric = evaluate(model, metric_examples, task, 16, pad_id, "cpu")
-    ref = Reference([e["input_ids"] for e in examples], out, mask, metric)
+    ref = Reference([list(e["input_ids"]) for e in examples], out, mask, metric)
     if task == "causal-lm":
-        prompt = examples[0]["input_ids"][:16]
+        prompt = list(examples[0]["input_ids"][:16])
         generated = model.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=GREEDY_TOKENS, do_sample=False, pad_token_id=pad_id, eos_token_id=eos_id,

@@ -141,6 +141,8 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
     measure: Annotated[bool, typer.Option(help="Also load the model and run two steps at the recipe's largest batch; "
                                                  "print measured memory beside the plan.")] = False,
+    gpu_gb: Annotated[Optional[float], typer.Option(help="Also plan for a CUDA GPU of this many GB (bf16 compute): "
+                                                         "what fits with and without gradient checkpointing.")] = None,
 ):
     """Show the memory plan (initial ranks, adapter bytes, predicted footprint) without training.
 
@@ -151,22 +153,28 @@ def plan(
       qelalora plan -r llama-3.1-8b --budget-mb 512 --json
 
       qelalora plan --budget-mb 512 --measure            (loads the model and runs two steps)
+
+      qelalora plan -r llama-3.1-8b --gpu-gb 24           (what fits a 24 GB card; no weights needed)
     """
-    from .run.job import memory_plan
+    from .run.job import describe_gpu_fit, gpu_fit, memory_plan
     from .run.recipe import load_recipe
 
     _quiet_libraries()
     loaded = load_recipe(recipe, _overrides(set_, budget_mb, model=model))
     result = memory_plan(loaded)
+    gpu = gpu_fit(loaded, gpu_gb) if gpu_gb else None
     measured = None
     if measure:
         from .run.measure import measure as run_measure
 
         measured = run_measure(loaded)
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), **({"measured": measured} if measured else {})}, indent=2))
+        extra = {**({"gpu": gpu} if gpu else {}), **({"measured": measured} if measured else {})}
+        typer.echo(json.dumps({**result.to_dict(), **extra}, indent=2))
         return
     typer.echo(result.describe())
+    if gpu:
+        typer.echo(describe_gpu_fit(gpu))
     if measured:
         from .run.measure import describe
 

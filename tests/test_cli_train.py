@@ -118,8 +118,11 @@ def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tin
     assert result["shape"] == {"batch": 8, "seq": 24} and result["steps"] == 2
     assert result["predicted"]["total"] == json.loads(out)["footprint"]["total_bytes"]
     assert result["measured"]["resident"] > 0 and result["measured"]["peak"] >= result["measured"]["resident"]
+    predicted, tensors = result["predicted"], result["tensors"]  # tensors counted as a GPU counts them
+    assert 0.8 < tensors["peak"] / predicted["total"] < 1.2
+    assert 0.75 < tensors["step_peak_above_resident"] / predicted["activations"] < 1.25
     code, out, _ = run_cli(capsys, "plan", "-r", str(recipe), "--measure")
-    assert code == 0 and "measured/predicted" in out and "steps above that (activations)" in out
+    assert code == 0 and "tensors" in out and "steps above that (activations)" in out
 
 
 def test_report_command(tmp_path, tiny_bert_dir, capsys):
@@ -149,6 +152,27 @@ def test_plan_for_llama_8b_shapes_needs_no_weights(tmp_path, capsys):
     assert 0.93 < plan["budget_used"] <= 1.0  # rank 12 = 480 MiB; rank 13 would need 520 MiB
     # NF4 linears (7.0B params x ~0.53 B) + fp32 embeddings and untied lm_head on CPU (2 x 2.1 GB)
     assert 7.0e9 < plan["footprint"]["base_bytes"] < 8.5e9
+
+
+def test_plan_from_the_recipes_own_config_and_for_a_24_gb_gpu(tmp_path, capsys):
+    """Offline, the shipped 8B recipe plans from its model.config: the same plan as from the config folder above;
+    --gpu-gb says what fits a 24 GB card in bf16 with and without gradient checkpointing."""
+    code, out, err = run_cli(capsys, "plan", "-r", "llama-3.1-8b", "--budget-mb", "512", "--gpu-gb", "24", "--json")
+    assert code == 0 and "planning from the recipe's model.config" in err
+    plan = json.loads(out)
+    assert plan["target_layers"] == 224 and plan["initial_rank"] == 12 and 7.0e9 < plan["footprint"]["base_bytes"] < 8.5e9
+    gpu = plan["gpu"]
+    without, with_ = gpu["without_checkpointing"], gpu["with_checkpointing"]
+    assert gpu["gpu_bytes"] == 24 * 10**9 and with_["bytes"] < without["bytes"] / 2
+    assert with_["fits"] and without["fits"] == (without["bytes"] <= 24 * 10**9)
+    code, out, _ = run_cli(capsys, "plan", "-r", "llama-3.1-8b", "--gpu-gb", "8", "--set", "train.batch_size=8")
+    assert code == 0 and "on a 8 GB GPU" in out and "does not fit" in out
+    code, _, err = run_cli(capsys, "plan", "-r", "llama-3.1-8b", "--model", "nobody/another-model")
+    assert code != 0 and "cannot load model 'nobody/another-model'" in err  # the 8B config is not another model's
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model: {name: nobody/nothing-here, config: {model_type: not-a-model}}\n")
+    code, _, err = run_cli(capsys, "plan", "-r", str(bad))
+    assert code != 0 and "model.config in the recipe is not a transformers config" in err
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..method.layer import ElaLoRALinear
+from .footprint import release_free_heap
 
 
 @dataclass(frozen=True)
@@ -291,9 +292,27 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if quantize == "none":
         model.to(device)
+    if device == "cpu":
+        own_weights(model)
+        release_free_heap()
     keep_nf4_layout(model)
     freeze_all(model)
     return model, spec
+
+
+def own_weights(model: nn.Module) -> None:
+    """Copy the tensors that still point into the checkpoint's memory-mapped file into the process's own memory.
+
+    transformers loads CPU weights without copying them where it can, so the float tensors (embeddings, norms,
+    heads) keep the whole safetensors file mapped, and every page read while quantising stays in the process's
+    RSS: 417 MiB of SmolLM2's 540 MB file, to hold a 113 MB embedding. A copy frees the mapping.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is not None and not isinstance(tensor, bnb.nn.Params4bit):
+                tensor.data = tensor.data.clone()
 
 
 def keep_nf4_layout(model: nn.Module) -> None:

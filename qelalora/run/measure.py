@@ -16,7 +16,7 @@ import gc
 
 import torch
 
-from ..base.footprint import PeakRSS, current_rss_bytes
+from ..base.footprint import PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes
 from .job import _loss, build_run
 from .recipe import Recipe
 from .training import train_step
@@ -31,15 +31,20 @@ def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, 
 
 
 def measure(recipe: Recipe, steps: int = 2) -> dict:
-    """Run the recipe's model for `steps` steps in this process; returns predicted and measured bytes."""
+    """Run the recipe's model for `steps` steps in this process; returns predicted and measured bytes.
+
+    On a CPU one more step runs under `TensorBytes`, which counts tensors only (what CUDA's figures count), so
+    the process's memory can be told apart from its tensors'.
+    """
     cuda = recipe.train.device.startswith("cuda") or (recipe.train.device == "auto" and torch.cuda.is_available())
     rss = PeakRSS()
     gc.collect()
-    baseline = current_rss_bytes()
+    baseline, tensors_before = current_rss_bytes(), live_tensor_bytes()
     rss.reset()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     run = build_run(recipe, log=lambda *a, **k: None)
+    gc.collect()
     resident = torch.cuda.memory_allocated() if cuda else current_rss_bytes() - baseline
     load_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     if cuda:
@@ -52,7 +57,7 @@ def measure(recipe: Recipe, steps: int = 2) -> dict:
         train_step(run.state, batch, _loss)
     step_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     fp = run.plan.footprint
-    return {
+    result = {
         "measured_with": "torch.cuda.max_memory_allocated" if cuda else "RSS above the process before loading",
         "steps": steps,
         "shape": {"batch": t.batch_size, "seq": recipe.data.max_length},
@@ -60,22 +65,43 @@ def measure(recipe: Recipe, steps: int = 2) -> dict:
         "measured": {"resident": resident, "load_peak": load_peak, "peak": max(step_peak, load_peak),
                      "step_peak_above_resident": max(0, step_peak - resident)},
     }
+    if not cuda:  # the same figures over tensors only, as CUDA counts them (optimiser state exists by now)
+        gc.collect()
+        at_rest = live_tensor_bytes() - tensors_before
+        with TensorBytes() as counted:
+            train_step(run.state, batch, _loss)
+        result["tensors"] = {"resident": at_rest, "peak": at_rest + counted.peak, "step_peak_above_resident": counted.peak}
+    return result
 
 
 def describe(result: dict) -> str:
-    p, m = result["predicted"], result["measured"]
+    p, m, tensors = result["predicted"], result["measured"], result.get("tensors")
+    cuda = tensors is None  # on CUDA the measured figures are tensors already
 
-    def row(name: str, predicted: int | None, measured: int) -> str:
-        ratio = f"{measured / predicted:5.2f}x" if predicted else "     "
-        shown = f"{predicted / 2**20:9.1f}" if predicted is not None else f"{'':9s}"
-        return f"  {name:<30s}{shown} {measured / 2**20:9.1f}  {ratio}"
+    def mib(n: int | None) -> str:
+        return f"{n / 2**20:9.1f}" if n is not None else f"{'':9s}"
 
+    def ratio(measured: int | None, predicted: int | None) -> str:
+        return f"{measured / predicted:6.2f}x" if measured is not None and predicted else f"{'':7s}"
+
+    def row(name: str, predicted: int | None, key: str) -> str:
+        counted = m[key] if cuda else tensors.get(key)
+        line = f"  {name:<32s}{mib(predicted)} {mib(counted)} {ratio(counted, predicted)}"
+        return line if cuda else line + f" {mib(m[key])} {ratio(m[key], predicted)}"
+
+    head = f"  {'':32s}{'predicted':>9s} {'tensors':>9s} {'ratio':>7s}" + ("" if cuda else f" {'process':>9s} {'ratio':>7s}")
+    notes = [] if cuda else [
+        "  tensors: the storages torch allocates (what a GPU's max_memory_allocated counts); process: RSS above the",
+        "  process before loading, which also holds the code loaded with the model, the tokeniser and the C heap's",
+        "  freed but kept blocks (glibc keeps the steps' activation blocks).",
+    ]
     return "\n".join([
-        f"Measured ({result['measured_with']}; {result['steps']} steps at batch {result['shape']['batch']} x "
-        f"{result['shape']['seq']} tokens), MiB:",
-        f"  {'':30s}{'predicted':>9s} {'measured':>9s}  measured/predicted",
-        row("model + data + adapters", p["resident"], m["resident"]),
-        row("loading peak", None, m["load_peak"]),
-        row("steps above that (activations)", p["activations"], m["step_peak_above_resident"]),
-        row("peak", p["total"], m["peak"]),
+        f"Measured ({result['steps']} steps at batch {result['shape']['batch']} x {result['shape']['seq']} tokens"
+        f"{'; torch.cuda.max_memory_allocated' if cuda else ''}), MiB:",
+        head,
+        row("model + adapters (+ data, RSS)", p["resident"], "resident"),
+        *([] if cuda else [f"  {'loading peak':<32s}{mib(None)} {mib(None)} {'':7s} {mib(m['load_peak'])}"]),
+        row("steps above that (activations)", p["activations"], "step_peak_above_resident"),
+        row("peak", p["total"], "peak"),
+        *notes,
     ])

@@ -30,6 +30,8 @@ class ModelSection:
     task: str = "auto"  # auto | causal-lm | seq-cls (auto: from the architecture)
     num_labels: int = 2  # sequence classification only
     trust_remote_code: bool = False
+    # the model's config.json fields (model_type, sizes), so that `qelalora plan` works without the weights and offline
+    config: dict[str, object] | None = None
 
 
 @dataclass
@@ -94,6 +96,8 @@ def _type_ok(value, annotation) -> bool:
         return any(_type_ok(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
+    if annotation is object:
+        return True
     if origin is list:
         (item,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
@@ -304,6 +308,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def load_recipe(name_or_path: str | None, overrides: list[str] = ()) -> Recipe:
     raw, source = load_recipe_raw(name_or_path)
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    if "model.name" in keys and not any(k.startswith("model.config") for k in keys) and isinstance(raw, dict) \
+            and isinstance(raw.get("model"), dict):
+        raw["model"].pop("config", None)  # the recipe's config describes the recipe's model, not another one
     return recipe_from_dict(apply_overrides(raw, list(overrides)), source)
 
 

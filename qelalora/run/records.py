@@ -17,6 +17,11 @@ EOS and cut into `max_length` blocks; the split is then made over blocks.
 Causal-LM examples are running text, prompt + completion (loss on the
 completion), or chat `messages` (loss on the assistant turns, chat.py);
 `data.packing` packs them into full blocks.
+
+Token ids are kept as 32-bit `array`s, not lists of Python ints: a token
+costs 4 bytes instead of about 36, which is most of the data's memory in a
+run (Rotten Tomatoes 1.4 MB instead of ~27 MB; 20,000 SmolLM2 blocks 10 MB
+instead of ~94 MB) and lets the memory plan count it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import csv
 import io
 import json
 import random
+from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -221,7 +227,7 @@ def completion_examples(records: list[dict], section: DataSection, tokenizer) ->
 
 def text_blocks(documents: list[str], tokenizer, max_length: int) -> list[dict]:
     eos = tokenizer.eos_token_id
-    stream: list[int] = []
+    stream = array("i")
     for doc in documents:
         stream.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
         if eos is not None:
@@ -290,4 +296,10 @@ def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int =
             f"(for running text, is it shorter than one block of {section.max_length} tokens?)"
         )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return TaskData(task, train, val, test, pad, names)
+    return TaskData(task, compact(train), compact(val), compact(test), pad, names)
+
+
+def compact(examples: list[dict]) -> list[dict]:
+    """Token id and label sequences as 32-bit arrays (4 bytes a token instead of a Python int's ~36)."""
+    return [{k: array("i", v) if isinstance(v, list) else v for k, v in e.items()}
+            for e in examples]
