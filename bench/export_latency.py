@@ -11,6 +11,10 @@ model the run trained:
     python bench/export_latency.py --run runs/bench-minilm --run runs/bench-smollm2 [--repeats 15]
     python bench/export_latency.py --run runs/bench-smollm2 --formats merged-fp32 merged-int4 merged-int8 \
         --int4-algos rtn hqq k-quant gptq --accuracy-levels default 4
+    python bench/export_latency.py --run runs/bench-smollm2 --formats merged-int4 genai --genai-precisions int4 fp32
+
+`genai` folders run in ONNX Runtime GenAI (`og.Generator`): prefill is one
+`append_tokens` of the prompt, a decode step one more appended token.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from qelalora.export.exporter import FORMATS, export_run
 from qelalora.export.quantise import HEADS, INT4_ALGOS, WeightOnly
-from qelalora.export.runtime import EdgeModel
+from qelalora.export.runtime import SUMMARY, EdgeModel, GenaiModel, open_export
 from qelalora.export.trained import heldout_examples, load_trained
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -106,12 +110,22 @@ def edge_decode_step(edge: EdgeModel, prompt: list[int]):
     return lambda: edge.session.run(["logits"], step_feed)
 
 
+def genai_decode_step(edge: GenaiModel, prompt: list[int], repeats: int):
+    """One more token appended to a generator that holds the prompt (its KV cache grows by one per call)."""
+    generator = edge._generator(prompt, len(prompt) + repeats + 8)
+    token = np.array([int(generator.get_output("logits")[0, -1].argmax())], dtype=np.int32)
+    return lambda: generator.append_tokens(token)
+
+
 def variants(formats: list[str], int4_algos: list[str], accuracy_levels: list[int | None],
-             heads: tuple[str, ...] = ("same",)) -> list[tuple[str, str, WeightOnly]]:
-    """(label, format, weight-only settings): each int4 algorithm, CPU compute type and head choice is its own row."""
+             heads: tuple[str, ...] = ("same",), genai_precisions: tuple[str, ...] = ("int4",)) -> list[tuple[str, str, object]]:
+    """(label, format, weight-only settings or genai precision): each int4 algorithm, CPU compute type, head choice
+    and genai precision is its own row."""
     out = []
     for fmt in formats:
-        if fmt in ("merged-int4", "merged-int8"):
+        if fmt == "genai":
+            out.extend((f"genai[{p}]", fmt, p) for p in genai_precisions)
+        elif fmt in ("merged-int4", "merged-int8"):
             algos = int4_algos if fmt == "merged-int4" else ["rtn"]
             for algo, level, head in ((a, l, h) for a in algos for l in accuracy_levels for h in heads):
                 if fmt == "merged-int8" and head == "int8":
@@ -125,7 +139,7 @@ def variants(formats: list[str], int4_algos: list[str], accuracy_levels: list[in
 
 
 def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, metric_examples: dict,
-              rows: list[tuple[str, str, WeightOnly]]) -> dict:
+              rows: list[tuple[str, str, WeightOnly]], reuse: bool = False) -> dict:
     run = load_trained(run_dir)
     causal = run.task == "causal-lm"
     result = {"run": str(run_dir), "model": run.recipe.model.name, "task": run.task, "formats": {}}
@@ -141,15 +155,20 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
                            "batch_8": median_time(torch_encoder(run, rows8), repeats)}
     result["pytorch_nf4_s"] = torch_times
     for label, fmt, quant in rows:
-        if causal and fmt == "swappable":
-            continue  # logits-only decoder graph: no KV cache to time decode with
+        if (causal and fmt == "swappable") or (not causal and fmt == "genai"):
+            continue  # logits-only decoder graph: no KV cache to time decode with; genai is for decoders
         folder = out_root / f"{run_dir.name}-{label.replace('[', '-').replace(']', '').replace(',', '-')}"
-        info = export_run(run_dir, folder, fmt, overwrite=True, quant=quant, metric_examples=metric_examples[run.task],
-                          log=lambda *a: None)
-        edge = EdgeModel(folder)
+        settings = {"genai_precision": quant} if fmt == "genai" else {"quant": quant}
+        if reuse and (folder / SUMMARY).is_file():  # exported and checked by an earlier run with these settings
+            info = json.loads((folder / SUMMARY).read_text())
+        else:
+            info = export_run(run_dir, folder, fmt, overwrite=True, metric_examples=metric_examples[run.task],
+                              log=lambda *a: None, **settings)
+        edge = open_export(folder)
         if causal:
+            step = genai_decode_step(edge, prompt, repeats) if fmt == "genai" else edge_decode_step(edge, prompt)
             times = {"prefill_128": median_time(lambda: edge.logits([prompt]), repeats),
-                     "decode_token": median_time(edge_decode_step(edge, prompt), repeats)}
+                     "decode_token": median_time(step, repeats)}
             read = weight_bytes(folder / "model.onnx")
             times["bandwidth_bound_s"] = read / bandwidth
             times["decode_vs_bound"] = times["decode_token"] / times["bandwidth_bound_s"]
@@ -179,8 +198,11 @@ def main() -> None:
     parser.add_argument("--cls-examples", type=int, default=1000, help="held-out examples for the accuracy delta")
     parser.add_argument("--lm-examples", type=int, default=100, help="held-out blocks for the perplexity delta")
     parser.add_argument("--out", type=Path, default=Path("bench/out/export_latency.json"))
-    onnx_formats = [f for f in FORMATS if f != "genai"]  # genai folders run in onnxruntime_genai, not timed here
-    parser.add_argument("--formats", nargs="+", default=onnx_formats, choices=onnx_formats)
+    onnx_formats = [f for f in FORMATS if f != "genai"]  # genai (decoders, an optional extra) only when named
+    parser.add_argument("--formats", nargs="+", default=onnx_formats, choices=FORMATS)
+    parser.add_argument("--reuse", action="store_true",
+                        help="time folders an earlier run exported (same settings) instead of exporting again")
+    parser.add_argument("--genai-precisions", nargs="+", default=["int4"], choices=["int4", "fp16", "fp32"])
     parser.add_argument("--int4-algos", nargs="+", default=["rtn"], choices=INT4_ALGOS)
     parser.add_argument("--accuracy-levels", nargs="+", default=["default"], choices=["default", "1", "2", "3", "4"],
                         help="MatMulNBits CPU compute types to compare (default = ONNX Runtime's choice)")
@@ -188,13 +210,14 @@ def main() -> None:
                         help="how the output projection is quantised: like the rest, 8-bit, or float (compare several)")
     args = parser.parse_args()
     levels = [None if v == "default" else int(v) for v in args.accuracy_levels]
-    rows = variants(args.formats, args.int4_algos, levels, tuple(args.heads))
+    rows = variants(args.formats, args.int4_algos, levels, tuple(args.heads), tuple(args.genai_precisions))
     torch.set_grad_enabled(False)
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")
     report = {"date": time.strftime("%Y-%m-%d"), "read_bandwidth_bytes_per_s": bandwidth, "torch_threads": torch.get_num_threads(),
               "runs": [bench_run(r, EXPORTS, args.repeats, bandwidth,
-                                 {"seq-cls": args.cls_examples, "causal-lm": args.lm_examples}, rows) for r in args.run]}
+                                 {"seq-cls": args.cls_examples, "causal-lm": args.lm_examples}, rows, args.reuse)
+                       for r in args.run]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
 

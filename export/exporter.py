@@ -25,7 +25,7 @@ from qelalora.errors import RunDirError, UserError
 from . import genai, graphs, parity
 from .modules import branch_matrices, merge_model, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
-from .runtime import SUMMARY, EdgeModel
+from .runtime import SUMMARY, open_export
 from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
 from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample
 
@@ -135,8 +135,8 @@ def export_run(
     run = load_trained(run_dir)
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     examples = heldout_examples(run, max(parity_examples, metric_examples))
-    metric_rows = examples[:metric_examples] if fmt != "genai" else []  # genai is checked by its greedy tokens only
-    ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, metric_rows, run.tokenizer.eos_token_id)
+    ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples],
+                                   run.tokenizer.eos_token_id)
     pruned = prune_adapters(run.layers, prune_threshold)
     log(f"pruned: total rank {sum(pruned.ranks_before.values())} -> {sum(pruned.ranks_after.values())}, "
         f"adapter weights {pruned.bytes_before / 1024:.1f} -> {pruned.bytes_after / 1024:.1f} KiB"
@@ -145,12 +145,14 @@ def export_run(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         if fmt == "genai":
-            return _export_genai(run, run_dir, out_dir, tmp, ref, pruned, genai_precision, started, log)
-        _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
-        run.tokenizer.save_pretrained(tmp)
-        _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
+            genai.build(run, tmp, genai_precision, _edge_config(run))
+        else:
+            _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
+            run.tokenizer.save_pretrained(tmp)
+            _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
         info = {
             "format": fmt,
+            **({"precision": genai_precision} if fmt == "genai" else {}),
             "task": run.task,
             "base_model": run.recipe.model.name,
             "num_labels": run.recipe.model.num_labels if run.task == "seq-cls" else None,
@@ -164,7 +166,8 @@ def export_run(
             "run_dir": str(run_dir),
         }
         write_json_atomic(tmp / SUMMARY, info)
-        result = parity.check(EdgeModel(tmp), ref, fmt, examples[:metric_examples])
+        checked = f"genai-{genai_precision}" if fmt == "genai" else fmt
+        result = parity.check(open_export(tmp), ref, checked, examples[:metric_examples])
         info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
         write_json_atomic(tmp / SUMMARY, info)
         _publish(tmp, out_dir)
@@ -182,20 +185,6 @@ def _publish(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
-
-
-def _export_genai(run, run_dir: Path, out_dir: Path, tmp: Path, ref, pruned, precision: str, started: float, log) -> dict:
-    genai.build(run, tmp, precision, _edge_config(run))
-    info = {"format": "genai", "precision": precision, "task": run.task, "base_model": run.recipe.model.name,
-            "eos_token_id": run.tokenizer.eos_token_id, "prune": pruned.to_dict(),
-            "ranks": {n: l.rank for n, l in run.layers.items()}, "run_dir": str(run_dir)}
-    result = genai.check(tmp, ref, precision)
-    info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
-    write_json_atomic(tmp / SUMMARY, info)
-    _publish(tmp, out_dir)
-    log(f"exported genai ({precision}) to {out_dir}: {sum(info['files'].values()) / 2**20:.2f} MiB; "
-        f"greedy tokens equal to PyTorch: {result['greedy_tokens_equal']}; run it with onnxruntime_genai.Model")
-    return info
 
 
 def _edge_config(run):

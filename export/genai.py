@@ -3,7 +3,9 @@ generates from, for decoders.
 
 Built with that package's own model builder from the merged checkpoint (the
 NF4 base dequantised with the adapters merged in, saved as a plain Hugging
-Face folder), at fp32, fp16 or int4 (its MatMulNBits, int8 CPU compute). Its
+Face folder), at fp32, fp16 or int4 (its MatMulNBits, int8 CPU compute).
+The folder is checked like the other formats (`parity`, through
+`runtime.GenaiModel`): logits on held-out rows, the perplexity, greedy tokens. Its
 LoRA path (`og.Adapters`) takes adapters of one rank per model, not the
 per-layer ranks ElaLoRA ends with, so the adapters are merged. The package is
 an optional extra (`pip install 'qelalora[genai]'`): its builder runs in a
@@ -23,7 +25,6 @@ from pathlib import Path
 from qelalora.errors import UserError
 
 from .modules import merge_model
-from .parity import GREEDY_TOKENS, ParityError
 
 PRECISIONS = ("int4", "fp16", "fp32")
 
@@ -59,31 +60,3 @@ def build(run, folder: Path, precision: str, config) -> None:
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise UserError(f"ONNX Runtime GenAI's builder could not build this model: {last[:400]}")
-
-
-def generate_ids(folder: Path, prompt: list[int], max_new_tokens: int = GREEDY_TOKENS) -> list[int]:
-    """Greedy decoding with og.Generator; stops at the model's end-of-sequence token as PyTorch's generate does."""
-    import onnxruntime_genai as og
-
-    model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(prompt) + max_new_tokens)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    new: list[int] = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        new.append(int(generator.get_next_tokens()[0]))
-    return new
-
-
-def check(folder: Path, ref, precision: str) -> dict:
-    """Greedy tokens against PyTorch's: must be equal for fp32; reported for fp16 and int4."""
-    tokens = generate_ids(folder, ref.greedy_prompt)
-    n = min(len(tokens), len(ref.greedy_tokens))
-    mismatch = next((i for i in range(n) if tokens[i] != ref.greedy_tokens[i]), None if len(tokens) == len(ref.greedy_tokens) else n)
-    result = {"greedy_tokens_equal": tokens == ref.greedy_tokens, "greedy_first_mismatch": mismatch,
-              "greedy_tokens": len(tokens)}
-    if precision == "fp32" and not result["greedy_tokens_equal"]:
-        raise ParityError(f"genai fp32: greedy generation differs from PyTorch at token {mismatch}")
-    return result

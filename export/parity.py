@@ -2,7 +2,8 @@
 
 Reference outputs are taken from the trained (unpruned) PyTorch model before
 anything is changed; the exported folder is then run with the same
-torch-free runtime users get (`runtime.EdgeModel`).
+torch-free runtime users get (`runtime.open_export`: ONNX Runtime, or ONNX
+Runtime GenAI for `genai` folders).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ THRESHOLDS = {
     "merged-int8": None,
     "merged-int8-dynamic": None,
     "merged-int4": None,
+    "genai-fp32": 1e-4,
+    "genai-fp16": 1e-2,
+    "genai-int4": None,
 }
 GREEDY_TOKENS = 32
 

@@ -52,18 +52,70 @@ class EdgeTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-class EdgeModel:
-    """An exported model, ready for classification, generation and evaluation."""
+def _summary(folder: Path) -> dict:
+    if not (folder / SUMMARY).is_file() or not (folder / "model.onnx").is_file():
+        raise UserError(f"{folder} is not a qelalora export (needs model.onnx and {SUMMARY}); run qelalora export first")
+    return json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+
+
+def open_export(folder: Path, threads: int | None = None):
+    """The runner for an export folder: ONNX Runtime for the ONNX formats, ONNX Runtime GenAI for `genai`."""
+    folder = Path(folder)
+    return GenaiModel(folder) if _summary(folder).get("format") == "genai" else EdgeModel(folder, threads)
+
+
+class Runner:
+    """Generation and evaluation over `logits` and `generate_ids`, whichever runtime provides them."""
+
+    task: str
+    info: dict
+    tokenizer: EdgeTokenizer
+
+    def logits(self, rows: list[list[int]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32) -> list[int]:
+        raise NotImplementedError
+
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        return self.tokenizer.decode(self.generate_ids(self.tokenizer(prompt)["input_ids"], max_new_tokens))
+
+    def evaluate(self, examples: list[dict], batch_size: int = 16) -> dict:
+        """Accuracy (classification) or token-weighted loss and perplexity (causal LM)."""
+        if not examples:
+            raise UserError("no examples to evaluate")
+        if self.task == "seq-cls":
+            correct = 0
+            for start in range(0, len(examples), batch_size):
+                chunk = examples[start : start + batch_size]
+                pred = self.logits([e["input_ids"] for e in chunk]).argmax(-1)
+                correct += int(sum(int(p) == e["labels"] for p, e in zip(pred, chunk)))
+            return {"accuracy": correct / len(examples), "examples": len(examples)}
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            logits = self.logits([e["input_ids"] for e in chunk])
+            for row, e in zip(logits, chunk):
+                labels = np.array(e.get("labels", e["input_ids"]))[1:]
+                pred = row[: len(labels)]
+                keep = labels != -100
+                logp = pred - pred.max(-1, keepdims=True)
+                logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+                loss_sum -= float(logp[np.arange(len(labels))[keep], labels[keep]].sum())
+                tokens += int(keep.sum())
+        loss = loss_sum / max(tokens, 1)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
+
+
+class EdgeModel(Runner):
+    """An exported ONNX graph, ready for classification, generation and evaluation."""
 
     def __init__(self, folder: Path, threads: int | None = None):
         folder = Path(folder)
-        if not (folder / SUMMARY).is_file() or not (folder / "model.onnx").is_file():
-            raise UserError(f"{folder} is not a qelalora export (needs model.onnx and {SUMMARY}); run qelalora export first")
         self.folder = folder
-        self.info = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+        self.info = _summary(folder)
         if self.info.get("format") == "genai":
-            raise UserError(f"{folder} is an ONNX Runtime GenAI folder: run it with onnxruntime_genai "
-                            "(og.Model, og.Generator); qelalora infer / eval run the other formats")
+            raise UserError(f"{folder} is an ONNX Runtime GenAI folder: open it with open_export (GenaiModel)")
         self.task = self.info["task"]
         options = ort.SessionOptions()
         if threads:
@@ -148,31 +200,50 @@ class EdgeModel:
                     feed["past_key_values." + name[len("present."):]] = outputs[name]
         return new
 
-    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        return self.tokenizer.decode(self.generate_ids(self.tokenizer(prompt)["input_ids"], max_new_tokens))
 
-    def evaluate(self, examples: list[dict], batch_size: int = 16) -> dict:
-        """Accuracy (classification) or token-weighted loss and perplexity (causal LM)."""
-        if not examples:
-            raise UserError("no examples to evaluate")
-        if self.task == "seq-cls":
-            correct = 0
-            for start in range(0, len(examples), batch_size):
-                chunk = examples[start : start + batch_size]
-                pred = self.logits([e["input_ids"] for e in chunk]).argmax(-1)
-                correct += int(sum(int(p) == e["labels"] for p, e in zip(pred, chunk)))
-            return {"accuracy": correct / len(examples), "examples": len(examples)}
-        loss_sum, tokens = 0.0, 0
-        for start in range(0, len(examples), batch_size):
-            chunk = examples[start : start + batch_size]
-            logits = self.logits([e["input_ids"] for e in chunk])
-            for row, e in zip(logits, chunk):
-                labels = np.array(e.get("labels", e["input_ids"]))[1:]
-                pred = row[: len(labels)]
-                keep = labels != -100
-                logp = pred - pred.max(-1, keepdims=True)
-                logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-                loss_sum -= float(logp[np.arange(len(labels))[keep], labels[keep]].sum())
-                tokens += int(keep.sum())
-        loss = loss_sum / max(tokens, 1)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
+class GenaiModel(Runner):
+    """A `genai` export, run with ONNX Runtime GenAI (`og.Model`; a fresh `og.Generator` per sequence).
+
+    Causal LMs only. `logits` runs each row as one prompt (the generator returns logits for every prompt
+    position), so evaluation is exact per row, not batched.
+    """
+
+    def __init__(self, folder: Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError:
+            raise UserError(f"{folder} is an ONNX Runtime GenAI folder: pip install 'qelalora[genai]' to run it") from None
+        self.og, self.folder = og, Path(folder)
+        self.info = _summary(self.folder)
+        self.task = self.info["task"]
+        self.model = og.Model(str(self.folder))
+        self.tokenizer = EdgeTokenizer(self.folder / "tokenizer.json", self.info.get("eos_token_id"), self.info.get("pad_token_id"))
+
+    def use_adapter(self, path: Path) -> None:
+        raise UserError("a genai export has its adapters merged; --adapter is for the swappable format")
+
+    def _generator(self, prompt_ids, max_length: int):
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=max_length)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
+        return generator
+
+    def logits(self, rows: list[list[int]]) -> np.ndarray:
+        """Logits for every position of each row, right-padded with zeros to the longest row."""
+        out = None
+        for i, row in enumerate(rows):
+            got = self._generator(row, len(row) + 1).get_output("logits")[0]
+            if out is None:
+                out = np.zeros((len(rows), max(len(r) for r in rows), got.shape[-1]), dtype=np.float32)
+            out[i, : len(row)] = got
+        return out
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int = 32) -> list[int]:
+        """Greedy decoding; stops at the model's end-of-sequence token as PyTorch's generate does."""
+        generator = self._generator(prompt_ids, len(prompt_ids) + max_new_tokens)
+        new: list[int] = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            new.append(int(generator.get_next_tokens()[0]))
+        return new

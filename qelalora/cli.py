@@ -312,7 +312,7 @@ def infer(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (decoders).")] = 32,
     adapter: Annotated[Optional[Path], typer.Option(help="An .onnx_adapter to activate (swappable exports).")] = None,
 ):
-    """Classify texts or generate text with ONNX Runtime only (no PyTorch).
+    """Classify texts or generate text with ONNX Runtime only (no PyTorch); genai folders with ONNX Runtime GenAI.
 
     Examples:
 
@@ -320,9 +320,9 @@ def infer(
 
       qelalora infer edge/model --adapter edge/other.onnx_adapter "def add(a, b):"
     """
-    from .export.runtime import EdgeModel
+    from .export.runtime import open_export
 
-    model = EdgeModel(onnx_dir)
+    model = open_export(onnx_dir)
     if adapter is not None:
         model.use_adapter(adapter)
     if model.task == "seq-cls":
@@ -341,7 +341,7 @@ def evaluate_onnx(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many examples.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="An .onnx_adapter to activate.")] = None,
 ):
-    """Accuracy (classification) or perplexity (causal LM) with ONNX Runtime only.
+    """Accuracy (classification) or perplexity (causal LM) with ONNX Runtime only (genai folders: ONNX Runtime GenAI).
 
     Examples:
 
@@ -349,11 +349,11 @@ def evaluate_onnx(
 
       qelalora eval edge/model --data reviews.csv --split test --limit 500
     """
-    from .export.runtime import EdgeModel
+    from .export.runtime import open_export
     from .run.recipe import DataSection
     from .run.records import load_task_data
 
-    model = EdgeModel(onnx_dir)
+    model = open_export(onnx_dir)
     if adapter is not None:
         model.use_adapter(adapter)
     section = DataSection(**model.info["data"])

@@ -263,22 +263,42 @@ def test_the_output_projection_can_stay_float_or_take_8_bits(arch, request, tmp_
         assert bits["same"] == bits["float"] == bits["int8"] == [4] and len(set(diffs.values())) == 1
 
 
-def test_genai_folder_builds_and_generates(llama_run, bert_run, tmp_path):
-    """ONNX Runtime GenAI's builder on the tiny Llama: the folder loads in og.Model and generates. Exact greedy
-    parity is asserted for fp32 by the exporter itself and holds on SmolLM2 (BENCHMARKS.md); on these tiny random
-    Llamas og's logits differ from transformers' by ~0.4 even at position 0 (any head size), so it is not
-    asserted here."""
+@pytest.fixture(scope="module")
+def genai_llama_run(tmp_path_factory):
+    """A tiny Llama with a 256-token vocabulary. ONNX Runtime GenAI's builder reproduces transformers to 2e-7
+    there; at the other tiny Llama's 128 tokens its graph is ~0.4 logits off, for a plain checkpoint too (found by
+    bisecting the config: vocabulary size alone), a builder quirk that real vocabularies do not meet."""
+    from transformers import LlamaForCausalLM
+
+    from tests.conftest import _save, llama_config
+
+    torch.manual_seed(0)
+    model_dir = _save(LlamaForCausalLM(llama_config(vocab_size=256)), tmp_path_factory.mktemp("tiny_llama_256"))
+    return _train(tmp_path_factory, "llama-256", model_dir, True)
+
+
+def test_genai_folder_matches_pytorch_and_runs_in_infer_and_eval(genai_llama_run, bert_run, tmp_path, capsys):
     from qelalora.export import genai
-    from qelalora.export.runtime import EdgeModel
+    from qelalora.export.runtime import GenaiModel, open_export
 
     if not genai.available():
         pytest.skip("onnxruntime-genai is not installed (pip install 'qelalora[genai]')")
-    info = export_run(llama_run, tmp_path / "int4", "genai", genai_precision="int4", log=lambda *a: None)
-    assert (tmp_path / "int4" / "genai_config.json").is_file() and info["precision"] == "int4"
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
-    assert "MatMulNBits" in ops and info["parity"]["greedy_tokens"] >= 1
-    assert len(genai.generate_ids(tmp_path / "int4", [2, 10, 20], 5)) >= 1
+    info = export_run(genai_llama_run, tmp_path / "fp32", "genai", genai_precision="fp32", log=lambda *a: None)
+    p = info["parity"]  # checked through og.Generator's logits, like every other format
+    assert p["threshold"] == 1e-4 and p["max_abs_logit_diff"] <= 1e-4 * p["logit_scale"] and p["greedy_tokens_equal"]
+    assert abs(p["metric_delta"]) < 1e-4 * p["metric_pytorch"]
+    model = open_export(tmp_path / "fp32")
+    assert isinstance(model, GenaiModel) and model.task == "causal-lm"
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "fp32"), "--split", "val")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["perplexity"] > 1
+    code, out, _ = run_cli(capsys, "infer", str(tmp_path / "fp32"), "the film is", "--max-new-tokens", "4")
+    assert code == 0 and "completion" in json.loads(out.strip().splitlines()[-1])
     with pytest.raises(UserError, match="ONNX Runtime GenAI folder"):
-        EdgeModel(tmp_path / "int4")
+        EdgeModel(tmp_path / "fp32")
+
+    int4 = export_run(genai_llama_run, tmp_path / "int4", "genai", genai_precision="int4", log=lambda *a: None)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops and int4["precision"] == "int4" and int4["parity"]["threshold"] is None
+    assert 0 < int4["parity"]["metric_onnx"] < 2 * int4["parity"]["metric_pytorch"]
     with pytest.raises(UserError, match="for decoders"):
         export_run(bert_run, tmp_path / "bert", "genai", log=lambda *a: None)
