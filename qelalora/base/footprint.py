@@ -41,10 +41,11 @@ class Footprint:
     adapter_bytes: int
     activation_bytes: int
     budget_bytes: int
+    eval_bytes: int = 0  # the evaluation pass (no autograd; a causal LM's logits over its vocabulary at 2x the batch)
 
     @property
     def total_bytes(self) -> int:
-        return self.base_bytes + self.adapter_bytes + self.activation_bytes
+        return self.base_bytes + self.adapter_bytes + max(self.activation_bytes, self.eval_bytes)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "total_bytes": self.total_bytes}
@@ -82,6 +83,12 @@ def activation_bytes(config, batch: int, seq: int, dtype_bytes: int, causal_lm: 
     if causal_lm:
         total += 2 * batch * seq * config.vocab_size * 4  # logits and their fp32 softmax/grad
     return int(total)
+
+
+def eval_bytes(config, batch: int, seq: int, causal_lm: bool) -> int:
+    """The evaluation pass's peak: for a causal LM its fp32 logits and their log-softmax for the loss (2.25x one
+    logits tensor measured on SmolLM2; a 262k vocabulary makes this the run's peak); small otherwise."""
+    return 2 * batch * seq * config.vocab_size * 4 if causal_lm else 0
 
 
 def release_free_heap() -> None:

@@ -30,7 +30,8 @@ from ..method.config import steps_of
 from .data import BatchStream, evaluate
 from .records import TaskData, load_task_data
 from ..errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged, UserError
-from ..base.footprint import Footprint, activation_bytes, base_bytes, current_rss_bytes, fmt_mib, measured_peak, release_free_heap
+from ..base.footprint import (Footprint, activation_bytes, base_bytes, current_rss_bytes, eval_bytes, fmt_mib, measured_peak,
+                              release_free_heap)
 from ..base.models import ArchSpec, arch_spec, head_modules, head_params, load_base_model, select_targets, target_paths
 from .recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
 from ..base.hub import go_offline_if_unreachable
@@ -38,6 +39,9 @@ from .run_lock import LOCK_NAME, RunLock
 from . import distributed
 from .distributed import GradientAverager, Processes
 from .training import TrainState, plan_ranks, prepare_training, target_shapes, train_step
+
+
+EVAL_BATCH_FACTOR = 2  # evaluation batches are twice the training batch (no autograd state to hold)
 
 
 def resolve_device(name: str) -> str:
@@ -93,8 +97,10 @@ class MemoryPlan:
             f"{fmt_mib(rp.adapter_bytes)} = {100 * rp.budget_used:.1f}% of the budget "
             f"(smallest workable budget: {fmt_mib(rp.min_budget_bytes)})\n"
             f"  predicted footprint: base {fmt_mib(fp.base_bytes)} + adapter state {fmt_mib(fp.adapter_bytes)} + "
-            f"activations ~{fmt_mib(fp.activation_bytes)} (batch {self.batch} x {self.seq} tokens) "
-            f"= {fmt_mib(fp.total_bytes)}\n"
+            f"activations ~{fmt_mib(fp.activation_bytes)} (batch {self.batch} x {self.seq} tokens)"
+            + (f", or evaluation ~{fmt_mib(fp.eval_bytes)} (batch {EVAL_BATCH_FACTOR * self.batch}: logits over the vocabulary)"
+               if fp.eval_bytes else "")
+            + f" = {fmt_mib(fp.total_bytes)}\n"
             f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
             f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
             + ("\n  on a CPU the process holds more than these tensors (code loaded with the model, the tokeniser, the C "
@@ -174,7 +180,9 @@ def memory_plan(recipe: Recipe, processes: int = 1, device: str | None = None, d
         checkpointing = device.startswith("cuda") and base + rp.adapter_bytes + acts[False] > (device_bytes or _device_bytes(device))
     else:
         checkpointing = bool(t.gradient_checkpointing)
-    fp = Footprint(base_bytes=base, adapter_bytes=rp.adapter_bytes, activation_bytes=acts[checkpointing], budget_bytes=e.budget_bytes)
+    evaluation = eval_bytes(config, EVAL_BATCH_FACTOR * t.batch_size, recipe.data.max_length, spec.task == "causal-lm")
+    fp = Footprint(base_bytes=base, adapter_bytes=rp.adapter_bytes, activation_bytes=acts[checkpointing], budget_bytes=e.budget_bytes,
+                   eval_bytes=evaluation)
     chosen = tuple(spec.targets[k] for k in select_targets(spec, recipe.model.targets))
     return MemoryPlan(rp, fp, len(paths), recipe.model.name, t.batch_size, recipe.data.max_length, checkpointing,
                       acts[not checkpointing], chosen, spec.discovered, processes, device)
@@ -468,7 +476,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, log, pro
             if t.log_every and state.step % t.log_every == 0 and procs.main:
                 _append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "total_rank": rank, "adapter_bytes": used})
             if t.eval_every and state.step % t.eval_every == 0 and state.step < t.steps and run.data.val and procs.main:
-                val = evaluate(run.model, run.data.val, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device, t.eval_batches)
+                val = evaluate(run.model, run.data.val, run.spec.task, EVAL_BATCH_FACTOR * t.batch_size, run.data.pad_id, run.device, t.eval_batches)
                 _append_metrics(metrics_path, {"step": state.step, "val": val})
             if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.steps:
                 save_ckpt()
@@ -480,7 +488,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, log, pro
     loop = {"steps": state.step - first_step, "seconds": round(time.perf_counter() - loop_started, 2), "processes": procs.world}
     if not procs.main:
         return {"steps": state.step}
-    held_out = {name: evaluate(run.model, part, run.spec.task, 2 * t.batch_size, run.data.pad_id, run.device)
+    held_out = {name: evaluate(run.model, part, run.spec.task, EVAL_BATCH_FACTOR * t.batch_size, run.data.pad_id, run.device)
                 for name, part in (("val", run.data.val), ("test", run.data.test)) if part}  # a split may be empty
     _append_metrics(metrics_path, {"step": state.step, **held_out})
     summary = _save_outputs(run, run_dir, started, held_out, baseline_rss, loop)

@@ -2,10 +2,10 @@
 memory they took beside what the plan predicted.
 
 The plan is computed from the config alone; this is its check on the machine
-at hand. Three moments are measured: before loading (the baseline), after the
-model, data and adapters are in place (resident), and the peak over loading
-and two training steps of `train.batch_size` x `data.max_length` tokens (the
-longest batch the run can see). On CUDA the figures are
+at hand. Measured: before loading (the baseline), after the model, data and
+adapters are in place (resident), the peak over loading, over two training
+steps of `train.batch_size` x `data.max_length` tokens (the longest batch the
+run can see), and over one evaluation batch (twice as many rows). On CUDA the figures are
 `torch.cuda.max_memory_allocated` (tensors only); on a CPU, the process's RSS
 above the baseline, which also counts library code and allocator slack.
 """
@@ -17,7 +17,8 @@ import gc
 import torch
 
 from ..base.footprint import PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes
-from .job import _loss, build_run
+from .data import evaluate
+from .job import EVAL_BATCH_FACTOR, _loss, build_run
 from .recipe import Recipe
 from .training import train_step
 
@@ -56,21 +57,40 @@ def measure(recipe: Recipe, steps: int = 2) -> dict:
     for _ in range(steps):
         train_step(run.state, batch, _loss)
     step_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rss.reset()
+    held_out = [{"input_ids": row.tolist()} for row in longest_batch(
+        run.spec.task, EVAL_BATCH_FACTOR * t.batch_size, recipe.data.max_length, run.model.config.vocab_size,
+        recipe.model.num_labels, "cpu")["input_ids"]]
+    if run.spec.task == "seq-cls":
+        held_out = [{**e, "labels": 0} for e in held_out]
+
+    def evaluation():
+        evaluate(run.model, held_out, run.spec.task, len(held_out), run.data.pad_id, run.device)
+
+    evaluation()
+    eval_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     fp = run.plan.footprint
     result = {
         "measured_with": "torch.cuda.max_memory_allocated" if cuda else "RSS above the process before loading",
         "steps": steps,
         "shape": {"batch": t.batch_size, "seq": recipe.data.max_length},
-        "predicted": {"resident": fp.base_bytes + fp.adapter_bytes, "activations": fp.activation_bytes, "total": fp.total_bytes},
-        "measured": {"resident": resident, "load_peak": load_peak, "peak": max(step_peak, load_peak),
-                     "step_peak_above_resident": max(0, step_peak - resident)},
+        "predicted": {"resident": fp.base_bytes + fp.adapter_bytes, "activations": fp.activation_bytes,
+                      "evaluation": fp.eval_bytes, "total": fp.total_bytes},
+        "measured": {"resident": resident, "load_peak": load_peak, "peak": max(step_peak, eval_peak, load_peak),
+                     "step_peak_above_resident": max(0, step_peak - resident),
+                     "eval_peak_above_resident": max(0, eval_peak - resident)},
     }
     if not cuda:  # the same figures over tensors only, as CUDA counts them (optimiser state exists by now)
         gc.collect()
         at_rest = live_tensor_bytes() - tensors_before
         with TensorBytes() as counted:
             train_step(run.state, batch, _loss)
-        result["tensors"] = {"resident": at_rest, "peak": at_rest + counted.peak, "step_peak_above_resident": counted.peak}
+        with TensorBytes() as counted_eval:
+            evaluation()
+        result["tensors"] = {"resident": at_rest, "peak": at_rest + max(counted.peak, counted_eval.peak),
+                             "step_peak_above_resident": counted.peak, "eval_peak_above_resident": counted_eval.peak}
     return result
 
 
@@ -102,6 +122,7 @@ def describe(result: dict) -> str:
         row("model + adapters (+ data, RSS)", p["resident"], "resident"),
         *([] if cuda else [f"  {'loading peak':<32s}{mib(None)} {mib(None)} {'':7s} {mib(m['load_peak'])}"]),
         row("steps above that (activations)", p["activations"], "step_peak_above_resident"),
+        row("evaluation above that", p["evaluation"] or None, "eval_peak_above_resident"),
         row("peak", p["total"], "peak"),
         *notes,
     ])
