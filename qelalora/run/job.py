@@ -104,7 +104,7 @@ class MemoryPlan:
             f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
             f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
             + ("\n  on a CPU the process holds more than these tensors (code loaded with the model, the tokeniser, the C "
-               "heap's kept blocks): 1.4x to 2.3x on the embedded recipes; `--measure` gives this machine's figure"
+               "heap's kept blocks): 1.3x to 2.3x on the models measured; `--measure` gives this machine's figure"
                if self.device == "cpu" else "")
             + (f"\n  {self.processes} processes: each holds the base and the adapters, so the budget and every figure "
                f"above are per process; the global batch is {self.processes} x {self.batch}" if self.processes > 1 else "")
