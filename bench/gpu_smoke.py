@@ -123,7 +123,8 @@ def main() -> None:
     sync(args.device)
     if cuda:
         result["qelalora_max_allocated_bytes"] = torch.cuda.max_memory_allocated() - before
-    result["qelalora_planned_bytes"] = plan.footprint.total_bytes
+    fp = plan.footprint  # training steps only (this script runs no evaluation pass)
+    result["qelalora_planned_bytes"] = fp.base_bytes + fp.adapter_bytes + fp.activation_bytes
     result["qelalora_plan"] = plan.to_dict()
     peft_step, peft_params = peft_runner(path, args.device, args.rank, args.checkpointing)
     for i in range(3):
