@@ -34,10 +34,13 @@ class WeightOnly:
     # MiniLM within 0.25 points (BENCHMARKS.md). None: ONNX Runtime's default (fp32 compute).
     accuracy_level: int | None = 4
     head: str = "same"  # the output projection (LM head / classifier): one of HEADS
+    # int4 RTN only: the embedding table's Gather becomes a 4-bit GatherBlockQuantized (SmolLM2: file 191.5 ->
+    # 100.8 MiB, perplexity +1.1%; ONNX Runtime has no 8-bit form of it)
+    embeddings: bool = False
 
     def to_dict(self, bits: int) -> dict:
         return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "head": self.head}
+                "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": self.embeddings and bits == 4}
 
 
 class _QuietRootLogger:
@@ -93,6 +96,11 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
         # measured on SmolLM2: with gptq the excluded head came out 4-bit all the same (same file, same perplexity)
         raise UserError("--head int8/float works with rtn, hqq and k-quant; ONNX Runtime's GPTQ path quantises "
                         "every MatMul whatever is excluded")
+    if options.embeddings and (options.algo != "rtn" or bits != 4):
+        from qelalora.errors import UserError
+
+        raise UserError("--int4-embeddings is for merged-int4 with --int4-algo rtn (ONNX Runtime quantises a Gather to "
+                        "4 bits only, with round-to-nearest)")
     if options.algo == "hqq":
         config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
     elif options.algo == "k-quant":
@@ -109,14 +117,16 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
                 return next(self.feeds, None)
 
         config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=options.block_size)
-    else:
+    # the embedding table's Gather too, when asked: its rows (axis 1) are what a lookup reads
+    ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} if options.embeddings else {}
+    if options.algo == "rtn":
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
-                                                    accuracy_level=options.accuracy_level, bits=bits)
+                                                    accuracy_level=options.accuracy_level, bits=bits, **ops)
     model = onnx.load(str(path))
     head = output_projection(model) if options.head != "same" else None
     quantizer = nbits.MatMulNBitsQuantizer(
         model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
-        accuracy_level=options.accuracy_level, algo_config=config, nodes_to_exclude=[head] if head else None,
+        accuracy_level=options.accuracy_level, algo_config=config, nodes_to_exclude=[head] if head else None, **ops,
     )
     with _QuietRootLogger():
         quantizer.process()

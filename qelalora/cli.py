@@ -268,6 +268,7 @@ def export(
     int4_symmetric: Annotated[bool, typer.Option(help="Symmetric blocks (no zero points; default asymmetric).")] = False,
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits CPU compute type: 4 = int8 activations (the default: fastest, measured in BENCHMARKS.md), 1 = fp32, 0 = ONNX Runtime's default.", min=0, max=4)] = 4,
     head: Annotated[str, typer.Option(help="merged-int4 / merged-int8: the output projection (LM head, classifier): same (quantised like the rest), int8, or float.")] = "same",
+    int4_embeddings: Annotated[bool, typer.Option(help="merged-int4 (rtn): quantise the embedding table too (4-bit GatherBlockQuantized; SmolLM2: half the file for +1.1% perplexity).")] = False,
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
 ):
@@ -300,7 +301,10 @@ def export(
         raise UserError("merged-int8 is round-to-nearest only; --int4-algo applies to merged-int4")
     if head not in HEADS:
         raise UserError(f"--head: one of {', '.join(HEADS)}, got {head!r}")
-    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head)
+    if int4_embeddings and (format_ != "merged-int4" or int4_algo != "rtn"):
+        raise UserError("--int4-embeddings applies to merged-int4 with --int4-algo rtn (ONNX Runtime quantises a Gather "
+                        "to 4 bits only, with round-to-nearest)")
+    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings)
     export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
                genai_precision=genai_precision)
 

@@ -263,6 +263,21 @@ def test_the_output_projection_can_stay_float_or_take_8_bits(arch, request, tmp_
         assert bits["same"] == bits["float"] == bits["int8"] == [4] and len(set(diffs.values())) == 1
 
 
+def test_int4_embeddings_quantise_the_table_lookup_too(llama_run, tmp_path, capsys):
+    from qelalora.export.quantise import WeightOnly
+
+    plain = export_run(llama_run, tmp_path / "plain", "merged-int4", log=lambda *a: None)
+    info = export_run(llama_run, tmp_path / "emb", "merged-int4", quant=WeightOnly(embeddings=True), log=lambda *a: None)
+    graph = onnx.load(str(tmp_path / "emb" / "model.onnx")).graph
+    tables = {t.name for t in graph.initializer}
+    assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
+    assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]  # no float table lookup left
+    assert info["weight_only"]["embeddings"] and info["files"]["model.onnx"] < plain["files"]["model.onnx"]
+    assert info["parity"]["metric_onnx"] < 1.5 * info["parity"]["metric_pytorch"]  # the tiny model still predicts
+    code, _, err = run_cli(capsys, "export", str(llama_run), "-f", "merged-int8", "--int4-embeddings", "-o", str(tmp_path / "x"))
+    assert code != 0 and "--int4-embeddings applies to merged-int4" in err
+
+
 @pytest.fixture(scope="module")
 def genai_llama_run(tmp_path_factory):
     """A tiny Llama with a 256-token vocabulary. ONNX Runtime GenAI's builder reproduces transformers to 2e-7
