@@ -47,7 +47,7 @@ def sync(device: str) -> None:
 
 
 def qelalora_runner(path: str, device: str, rank: int, batch: int, seq: int, steps: int, checkpointing: bool):
-    from qelalora.run.job import memory_plan
+    from qelalora.run.plan import memory_plan
     from qelalora.base.models import head_params, load_base_model, target_paths
     from qelalora.run.recipe import load_recipe
     from qelalora.run.training import prepare_training, train_step

@@ -156,7 +156,7 @@ def plan(
 
       qelalora plan -r llama-3.1-8b --gpu-gb 24           (what fits a 24 GB card; no weights needed)
     """
-    from .run.job import describe_gpu_fit, gpu_fit, memory_plan
+    from .run.plan import describe_gpu_fit, gpu_fit, memory_plan
     from .run.recipe import load_recipe
 
     _quiet_libraries()

@@ -2,7 +2,6 @@
 names, chat records with the loss on assistant turns, and packing."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -138,8 +138,7 @@ def measured_peak(device: str, baseline_rss: int) -> dict:
     if device.startswith("cuda"):
         peak = torch.cuda.max_memory_allocated()
         return {"measured_peak_bytes": peak, "measured": "torch.cuda.max_memory_allocated", "measured_training_bytes": peak}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = peak if sys.platform == "darwin" else peak * 1024
+    peak = PeakRSS().peak()  # never reset in a training process: the peak since it started
     return {
         "measured_peak_bytes": peak,
         "measured": "peak RSS of the process",
@@ -176,9 +175,6 @@ class TensorBytes(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._sizes: dict[int, int] = {}
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

@@ -310,7 +310,7 @@ def own_weights(model: nn.Module) -> None:
     import bitsandbytes as bnb
 
     for module in model.modules():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if tensor is not None and not isinstance(tensor, bnb.nn.Params4bit):
                 tensor.data = tensor.data.clone()
 

@@ -18,7 +18,8 @@ import torch
 
 from ..base.footprint import PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes
 from .data import evaluate
-from .job import EVAL_BATCH_FACTOR, _loss, build_run
+from .job import _loss, build_run
+from .plan import EVAL_BATCH_FACTOR
 from .recipe import Recipe
 from .training import train_step
 
