@@ -84,6 +84,7 @@ class Runner:
         """Accuracy (classification) or token-weighted loss and perplexity (causal LM)."""
         if not examples:
             raise UserError("no examples to evaluate")
+        examples = sorted(examples, key=lambda e: len(e["input_ids"]))  # each batch padded only to its neighbours
         if self.task == "seq-cls":
             correct = 0
             for start in range(0, len(examples), batch_size):

@@ -58,6 +58,29 @@ def test_training_continues_after_evaluation_on_nf4(tiny_bert_dir):
     assert before["examples"] == 2 and state.step == 10
 
 
+def test_evaluation_batches_by_length_and_scores_as_one_batch(tiny_bert_dir, tiny_llama_dir):
+    from qelalora.run.data import eval_batches, evaluate
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 30, (23,), generator=g).tolist()
+    examples = [{"input_ids": torch.randint(3, 120, (n,), generator=g).tolist(), "labels": i % 2} for i, n in enumerate(lengths)]
+    batches = list(eval_batches(examples, 4, 0))
+    widths = [b["input_ids"].shape[1] for b in batches]
+    assert widths == sorted(widths) and sum(int(b["attention_mask"].sum()) for b in batches) == sum(lengths)
+    assert sum(b["input_ids"].numel() for b in batches) < len(examples) * max(lengths) * 0.7  # padding cut
+    limited = list(eval_batches(examples, 4, 0, limit=2))  # the first 8 examples, still each once
+    assert sorted(len(e["input_ids"]) for e in examples[:8]) == [int(m.sum()) for b in limited for m in b["attention_mask"]]
+    for model_dir, task in ((tiny_bert_dir, "seq-cls"), (tiny_llama_dir, "causal-lm")):
+        torch.manual_seed(0)
+        model, _ = load_base_model(model_dir, quantize="nf4")
+        data = examples if task == "seq-cls" else [{"input_ids": e["input_ids"]} for e in examples]
+        by_length = evaluate(model, data, task, 4, 0, "cpu")
+        one_batch = evaluate(model, data, task, len(data), 0, "cpu")
+        assert by_length.keys() == one_batch.keys()
+        for key in by_length:
+            assert abs(by_length[key] - one_batch[key]) <= 1e-5 * max(1.0, abs(one_batch[key])), (task, key)
+
+
 def test_lr_follows_the_schedule_with_or_without_rounds(tiny_llama_dir):
     steps, lr = 60, 5e-3
     ref_opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)

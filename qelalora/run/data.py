@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into a batch (labels -100 on padding)."""
     width = max(len(e["input_ids"]) for e in examples)
@@ -70,9 +71,16 @@ class BatchStream:
 
 
 def eval_batches(examples: list[dict], batch_size: int, pad_id: int, limit: int | None = None) -> Iterator[dict]:
+    """Batches of the first `limit` x `batch_size` examples (all without a limit), shortest first.
+
+    Ordering by length pads each batch only to its neighbours' length: the
+    metrics are sums over examples, so the order does not change them, and
+    on short-text sets it halves the tokens the model runs on.
+    """
     n = len(examples) if limit is None else min(len(examples), limit * batch_size)
+    order = sorted(range(n), key=lambda i: len(examples[i]["input_ids"]))
     for start in range(0, n, batch_size):
-        yield collate(examples[start : start + batch_size], pad_id)
+        yield collate([examples[i] for i in order[start : start + batch_size]], pad_id)
 
 
 @torch.no_grad()
