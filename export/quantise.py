@@ -37,10 +37,14 @@ class WeightOnly:
     # int4 RTN only: the embedding table's Gather becomes a 4-bit GatherBlockQuantized (SmolLM2: file 191.5 ->
     # 100.8 MiB, perplexity +1.1%; ONNX Runtime has no 8-bit form of it)
     embeddings: bool = False
+    # int4 only: layers kept at 8 bits (RTN), by name as it appears in the graph's node paths ("down_proj",
+    # "v_proj", "lm_head"; BERT: "value", "output"): a mixed file, for the layers int4 hurts most
+    int8_layers: tuple[str, ...] = ()
 
     def to_dict(self, bits: int) -> dict:
         return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": self.embeddings and bits == 4}
+                "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": self.embeddings and bits == 4,
+                "int8_layers": list(self.int8_layers) if bits == 4 else []}
 
 
 class _QuietRootLogger:
@@ -78,6 +82,13 @@ def output_projection(model) -> str | None:
     while node is not None and node.op_type in ("Add", "Cast", "Identity", "Reshape"):
         node = next((producer[i] for i in node.input if i in producer), None)
     return node.name if node is not None and node.op_type in ("MatMul", "Gemm") else None
+
+
+def named_matmuls(model, names: tuple[str, ...]) -> list[str]:
+    """The MatMul nodes whose path ("/model/layers.3/mlp/down_proj/MatMul") has one of `names` as a component."""
+    wanted = set(names)
+    return [n.name for n in model.graph.node
+            if n.op_type == "MatMul" and wanted & set(n.name.replace(".", "/").split("/") + n.name.split("/"))]
 
 
 def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_rows: list[list[int]] | None = None) -> None:
@@ -122,21 +133,35 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
     if options.algo == "rtn":
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
                                                     accuracy_level=options.accuracy_level, bits=bits, **ops)
+    if options.int8_layers and (options.algo == "gptq" or bits != 4):
+        from qelalora.errors import UserError
+
+        raise UserError("--int8-layers is for merged-int4 with rtn, hqq or k-quant (ONNX Runtime's GPTQ path "
+                        "quantises every MatMul whatever is excluded)")
     model = onnx.load(str(path))
     head = output_projection(model) if options.head != "same" else None
+    eight = named_matmuls(model, options.int8_layers) if options.int8_layers else []
+    if options.int8_layers and not eight:
+        from qelalora.errors import UserError
+
+        raise UserError(f"--int8-layers {','.join(options.int8_layers)} names no MatMul of this graph; use the "
+                        "names in its node paths, e.g. down_proj, v_proj, lm_head (BERT: value, output)")
+    excluded = [n for n in [head, *eight] if n]
     quantizer = nbits.MatMulNBitsQuantizer(
         model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
-        accuracy_level=options.accuracy_level, algo_config=config, nodes_to_exclude=[head] if head else None, **ops,
+        accuracy_level=options.accuracy_level, algo_config=config, nodes_to_exclude=excluded or None, **ops,
     )
     with _QuietRootLogger():
         quantizer.process()
         model = quantizer.model.model
-        if head and options.head == "int8" and bits < 8:
-            # second pass: the only MatMul with a constant weight left is the head
-            eight = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
-                                                       accuracy_level=options.accuracy_level, bits=8)
+        if (eight or (head and options.head == "int8")) and bits < 8:
+            # second pass at 8 bits over what the first left: the named layers, and the head unless it stays float
+            keep_float = [head] if head and options.head == "float" else None
+            config8 = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+                                                         accuracy_level=options.accuracy_level, bits=8)
             quantizer = nbits.MatMulNBitsQuantizer(model, bits=8, block_size=options.block_size, is_symmetric=options.symmetric,
-                                                   accuracy_level=options.accuracy_level, algo_config=eight)
+                                                   accuracy_level=options.accuracy_level, algo_config=config8,
+                                                   nodes_to_exclude=keep_float)
             quantizer.process()
     quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
 

@@ -269,6 +269,7 @@ def export(
     accuracy_level: Annotated[int, typer.Option(help="MatMulNBits CPU compute type: 4 = int8 activations (the default: fastest, measured in BENCHMARKS.md), 1 = fp32, 0 = ONNX Runtime's default.", min=0, max=4)] = 4,
     head: Annotated[str, typer.Option(help="merged-int4 / merged-int8: the output projection (LM head, classifier): same (quantised like the rest), int8, or float.")] = "same",
     int4_embeddings: Annotated[bool, typer.Option(help="merged-int4 (rtn): quantise the embedding table too (4-bit GatherBlockQuantized; SmolLM2: half the file for +1.1% perplexity).")] = False,
+    int8_layers: Annotated[str, typer.Option(help="merged-int4: layers kept at 8 bits, comma-separated names from the graph's node paths (e.g. down_proj,lm_head; BERT: value,output): a mixed file for the layers 4 bits hurt most.")] = "",
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
 ):
@@ -279,6 +280,8 @@ def export(
       qelalora export runs/mine --format merged-int4
 
       qelalora export runs/mine -f merged-int4 --int4-algo gptq --accuracy-level 4
+
+      qelalora export runs/smollm2 -f merged-int4 --int8-layers down_proj,lm_head
 
       qelalora export runs/smollm2 -f genai --genai-precision int4      (needs the genai extra)
 
@@ -304,7 +307,10 @@ def export(
     if int4_embeddings and (format_ != "merged-int4" or int4_algo != "rtn"):
         raise UserError("--int4-embeddings applies to merged-int4 with --int4-algo rtn (ONNX Runtime quantises a Gather "
                         "to 4 bits only, with round-to-nearest)")
-    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings)
+    eight = tuple(name.strip() for name in int8_layers.split(",") if name.strip())
+    if eight and (format_ != "merged-int4" or int4_algo == "gptq"):
+        raise UserError("--int8-layers applies to merged-int4 with --int4-algo rtn, hqq or k-quant")
+    quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings, eight)
     export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
                genai_precision=genai_precision)
 

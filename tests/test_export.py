@@ -278,6 +278,36 @@ def test_int4_embeddings_quantise_the_table_lookup_too(llama_run, tmp_path, caps
     assert code != 0 and "--int4-embeddings applies to merged-int4" in err
 
 
+def test_int8_layers_make_a_mixed_int4_file(llama_run, tmp_path, capsys):
+    from qelalora.export.quantise import WeightOnly
+
+    def bits_by_layer(folder):
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        return {n.name.split("/")[-2]: next(a.i for a in n.attribute if a.name == "bits")
+                for n in graph.node if n.op_type == "MatMulNBits"}, graph
+
+    plain = export_run(llama_run, tmp_path / "plain", "merged-int4", log=lambda *a: None)
+    info = export_run(llama_run, tmp_path / "mixed", "merged-int4", quant=WeightOnly(int8_layers=("down_proj", "lm_head")),
+                      log=lambda *a: None)
+    kinds = {}
+    for name, bits in bits_by_layer(tmp_path / "mixed")[0].items():
+        kinds.setdefault(name, set()).add(bits)
+    assert kinds == {"q_proj": {4}, "k_proj": {4}, "v_proj": {4}, "o_proj": {4}, "gate_proj": {4}, "up_proj": {4},
+                     "down_proj": {8}, "lm_head": {8}}
+    assert info["weight_only"]["int8_layers"] == ["down_proj", "lm_head"]
+    assert plain["files"]["model.onnx"] < info["files"]["model.onnx"]
+    assert info["parity"]["metric_onnx"] < 1.5 * info["parity"]["metric_pytorch"]  # the tiny model still predicts
+    floaty = export_run(llama_run, tmp_path / "float-head", "merged-int4",
+                        quant=WeightOnly(int8_layers=("down_proj",), head="float"), log=lambda *a: None)
+    assert "lm_head" not in bits_by_layer(tmp_path / "float-head")[0] and floaty["weight_only"]["head"] == "float"
+    code, _, err = run_cli(capsys, "export", str(llama_run), "-f", "merged-int4", "--int8-layers", "mlp_out",
+                           "-o", str(tmp_path / "x"))
+    assert code != 0 and "names no MatMul of this graph" in err
+    code, _, err = run_cli(capsys, "export", str(llama_run), "-f", "merged-int8", "--int8-layers", "down_proj",
+                           "-o", str(tmp_path / "y"))
+    assert code != 0 and "--int8-layers applies to merged-int4" in err
+
+
 @pytest.fixture(scope="module")
 def genai_llama_run(tmp_path_factory):
     """A tiny Llama with a 256-token vocabulary. ONNX Runtime GenAI's builder reproduces transformers to 2e-7
