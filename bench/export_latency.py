@@ -118,21 +118,26 @@ def genai_decode_step(edge: GenaiModel, prompt: list[int], repeats: int):
 
 
 def variants(formats: list[str], int4_algos: list[str], accuracy_levels: list[int | None],
-             heads: tuple[str, ...] = ("same",), genai_precisions: tuple[str, ...] = ("int4",)) -> list[tuple[str, str, object]]:
-    """(label, format, weight-only settings or genai precision): each int4 algorithm, CPU compute type, head choice
-    and genai precision is its own row."""
+             heads: tuple[str, ...] = ("same",), genai_precisions: tuple[str, ...] = ("int4",),
+             int8_sets: tuple[str, ...] = ("",), embeddings: bool = False) -> list[tuple[str, str, object]]:
+    """(label, format, weight-only settings or genai precision): each int4 algorithm, CPU compute type, head choice,
+    set of 8-bit layers and genai precision is its own row."""
     out = []
     for fmt in formats:
         if fmt == "genai":
             out.extend((f"genai[{p}]", fmt, p) for p in genai_precisions)
         elif fmt in ("merged-int4", "merged-int8"):
             algos = int4_algos if fmt == "merged-int4" else ["rtn"]
-            for algo, level, head in ((a, l, h) for a in algos for l in accuracy_levels for h in heads):
+            sets = int8_sets if fmt == "merged-int4" else ("",)
+            for algo, level, head, eight in ((a, l, h, e) for a in algos for l in accuracy_levels for h in heads for e in sets):
                 if fmt == "merged-int8" and head == "int8":
                     continue  # the same as "same"
+                emb = embeddings and fmt == "merged-int4"
                 tags = ([] if algo == "rtn" else [algo]) + ([] if level is None else [f"acc{level}"]) + ([] if head == "same" else [f"head-{head}"])
+                tags += ([f"int8-{eight.replace(',', '-')}"] if eight else []) + (["emb4"] if emb else [])
                 label = f"{fmt}[{','.join(tags)}]" if tags else fmt
-                out.append((label, fmt, WeightOnly(algo, accuracy_level=level, head=head)))
+                out.append((label, fmt, WeightOnly(algo, accuracy_level=level, head=head, embeddings=emb,
+                                                   int8_layers=tuple(n for n in eight.split(",") if n))))
         else:
             out.append((fmt, fmt, WeightOnly()))
     return out
@@ -208,9 +213,13 @@ def main() -> None:
                         help="MatMulNBits CPU compute types to compare (default = ONNX Runtime's choice)")
     parser.add_argument("--heads", nargs="+", default=["same"], choices=list(HEADS),
                         help="how the output projection is quantised: like the rest, 8-bit, or float (compare several)")
+    parser.add_argument("--int8-layers", nargs="+", default=[""], metavar="NAMES",
+                        help="merged-int4: sets of layers kept at 8 bits, each comma-joined (\"\" = none; compare several)")
+    parser.add_argument("--int4-embeddings", action="store_true", help="merged-int4: the embedding table at 4 bits too")
     args = parser.parse_args()
     levels = [None if v == "default" else int(v) for v in args.accuracy_levels]
-    rows = variants(args.formats, args.int4_algos, levels, tuple(args.heads), tuple(args.genai_precisions))
+    rows = variants(args.formats, args.int4_algos, levels, tuple(args.heads), tuple(args.genai_precisions),
+                    tuple(args.int8_layers), args.int4_embeddings)
     torch.set_grad_enabled(False)
     bandwidth = read_bandwidth()
     print(f"read bandwidth: {bandwidth / 1e9:.2f} GB/s")

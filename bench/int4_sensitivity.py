@@ -22,9 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
+
 from qelalora.export.quantise import WeightOnly, quantise_weights  # noqa: E402
 from qelalora.export.runtime import SUMMARY, EdgeModel  # noqa: E402
-from qelalora.export.trained import heldout_examples, load_trained  # noqa: E402
+from qelalora.export.trained import heldout_examples, load_trained, seeded_sample  # noqa: E402
+from qelalora.run.data import evaluate  # noqa: E402
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 
@@ -34,13 +37,20 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="the trained run (for its held-out examples)")
     parser.add_argument("--fp32", type=Path, required=True, help="its merged-fp32 export folder")
     parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--embeddings", action="store_true", help="the embedding table at 4 bits too (--int4-embeddings)")
     parser.add_argument("--configs", nargs="+", default=["none", *KINDS, "all"],
                         help="layer kinds kept at 8 bits, '+'-joined (e.g. down_proj+v_proj); none; all")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "int4_sensitivity_smollm2.jsonl")
     args = parser.parse_args()
 
-    examples = heldout_examples(load_trained(args.run), args.examples)
-    reference = json.loads((args.fp32 / SUMMARY).read_text())["parity"]["metric_pytorch"]
+    run = load_trained(args.run)
+    examples = heldout_examples(run, args.examples) if args.split == "test" else seeded_sample(run.data.val, args.examples)
+    if args.split == "test":
+        reference = json.loads((args.fp32 / SUMMARY).read_text())["parity"]["metric_pytorch"]
+    else:
+        with torch.no_grad():
+            reference = evaluate(run.model, examples, run.task, 8, run.data.pad_id, "cpu")["perplexity"]
     fp32_bytes = (args.fp32 / "model.onnx").stat().st_size
     for config in args.configs:
         eight = () if config == "none" else KINDS if config == "all" else tuple(config.split("+"))
@@ -48,11 +58,11 @@ def main() -> None:
             folder = Path(tmp) / "graph"
             shutil.copytree(args.fp32, folder)
             started = time.time()
-            quantise_weights(folder / "model.onnx", 4, WeightOnly(int8_layers=eight))
+            quantise_weights(folder / "model.onnx", 4, WeightOnly(int8_layers=eight, embeddings=args.embeddings))
             seconds = time.time() - started
             size = (folder / "model.onnx").stat().st_size
             perplexity = EdgeModel(folder).evaluate(examples)["perplexity"]
-        row = {"config": config, "int8_layers": list(eight), "perplexity": perplexity, "pytorch_nf4": reference,
+        row = {"config": config, "int8_layers": list(eight), "split": args.split, "embeddings": args.embeddings, "perplexity": perplexity, "pytorch_nf4": reference,
                "ratio": perplexity / reference, "bytes": size, "x_fp32": size / fp32_bytes,
                "quantise_s": round(seconds, 1), "examples": len(examples), "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(row), flush=True)

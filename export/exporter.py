@@ -75,7 +75,8 @@ def _calibration_rows(run: TrainedRun) -> list[list[int]]:
     return [list(e["input_ids"]) for e in seeded_sample(run.data.train, CALIBRATION_EXAMPLES)]
 
 
-def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: WeightOnly) -> None:
+def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: WeightOnly) -> WeightOnly | None:
+    """Write the format's graph into `folder`; for the weight-only formats, return the settings applied."""
     model = copy.deepcopy(run.model)
     causal = run.task == "causal-lm"
     if fmt == "swappable":
@@ -85,7 +86,7 @@ def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: 
         rank_one = [t for layer in run.layers.values() for t in (torch.randn(1, layer.in_features), torch.randn(layer.out_features, 1))]
         graphs.trace_logits_graph(model, folder / "model.onnx", example, adapted, rank_one, causal=causal, heads=_heads(run))
         write_adapter_file(run, folder / ADAPTER_FILE)
-        return
+        return None
     if fmt == "nf4-adapters":
         if run.recipe.model.quantize != "nf4":
             raise UserError("nf4-adapters needs a run trained over an NF4 base; use merged-fp32")
@@ -106,7 +107,8 @@ def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: 
         quantise_dynamic_int8(folder / "model.onnx")
     elif fmt in ("merged-int4", "merged-int8"):
         rows = _calibration_rows(run) if quant.algo == "gptq" else None
-        quantise_weights(folder / "model.onnx", 4 if fmt == "merged-int4" else 8, quant, rows)
+        return quantise_weights(folder / "model.onnx", 4 if fmt == "merged-int4" else 8, quant, rows, run.task)
+    return None
 
 
 def _sizes(folder: Path) -> dict[str, int]:
@@ -143,10 +145,11 @@ def export_run(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
+        applied = None
         if fmt == "genai":
             genai.build(run, tmp, genai_precision, _edge_config(run))
         else:
-            _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
+            applied = _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
             run.tokenizer.save_pretrained(tmp)
             _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
         info = {
@@ -161,7 +164,7 @@ def export_run(
             "data": run.recipe.to_dict()["data"],
             "prune": pruned.to_dict(),
             "ranks": {n: l.rank for n, l in run.layers.items()},
-            "weight_only": quant.to_dict(4 if fmt == "merged-int4" else 8) if fmt in ("merged-int4", "merged-int8") else None,
+            "weight_only": applied.to_dict(4 if fmt == "merged-int4" else 8) if applied else None,
             "run_dir": str(run_dir),
         }
         write_json_atomic(tmp / SUMMARY, info)

@@ -13,7 +13,7 @@ activation scales, `quantize_dynamic`) stays available by name.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,16 @@ import numpy as np
 INT4_ALGOS = ("rtn", "hqq", "k-quant", "gptq")
 HEADS = ("same", "int8", "float")  # the output projection: quantised like the rest, 8-bit (RTN), or left in float
 CALIBRATION_EXAMPLES = 16
+# merged-int4's layers kept at 8 bits on decoders, with the output projection at 8 bits and the embedding table
+# at 4: the kinds that 4 bits hurt most, measured one at a time on SmolLM2 (BENCHMARKS.md, "A mixed int4 file";
+# test perplexity 1.517x -> 1.085x PyTorch NF4's at 0.23x the fp32 file)
+DECODER_INT8_LAYERS = ("v_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class WeightOnly:
-    """How `merged-int4` / `merged-int8` quantise: algorithm, block size, zero points, CPU compute type."""
+    """How `merged-int4` / `merged-int8` quantise: algorithm, block size, zero points, CPU compute type, and
+    which layers a 4-bit file keeps at 8 bits. A field left None takes the task's measured default (`for_task`)."""
 
     algo: str = "rtn"
     block_size: int = 32
@@ -33,18 +38,30 @@ class WeightOnly:
     # 4: int8 activations in the CPU kernels; on SmolLM2 it halved int4 decode time at +0.6% perplexity and kept
     # MiniLM within 0.25 points (BENCHMARKS.md). None: ONNX Runtime's default (fp32 compute).
     accuracy_level: int | None = 4
-    head: str = "same"  # the output projection (LM head / classifier): one of HEADS
+    head: str | None = None  # the output projection (LM head / classifier): one of HEADS
     # int4 RTN only: the embedding table's Gather becomes a 4-bit GatherBlockQuantized (SmolLM2: file 191.5 ->
     # 100.8 MiB, perplexity +1.1%; ONNX Runtime has no 8-bit form of it)
-    embeddings: bool = False
+    embeddings: bool | None = None
     # int4 only: layers kept at 8 bits (RTN), by name as it appears in the graph's node paths ("down_proj",
     # "v_proj", "lm_head"; BERT: "value", "output"): a mixed file, for the layers int4 hurts most
-    int8_layers: tuple[str, ...] = ()
+    int8_layers: tuple[str, ...] | None = None
+
+    def for_task(self, task: str, bits: int) -> WeightOnly:
+        """The settings with the defaults filled in. Decoders at 4 bits (not GPTQ, which quantises every MatMul
+        whatever is excluded): DECODER_INT8_LAYERS and the output projection at 8 bits, the embedding table at
+        4 (RTN); encoders: every MatMul at 4 bits (MiniLM lost 0.25 points, BENCHMARKS.md)."""
+        mixed = bits == 4 and task == "causal-lm" and self.algo != "gptq"
+        return replace(
+            self,
+            head=self.head or ("int8" if mixed else "same"),
+            embeddings=(mixed and self.algo == "rtn") if self.embeddings is None else self.embeddings,
+            int8_layers=(DECODER_INT8_LAYERS if mixed else ()) if self.int8_layers is None else self.int8_layers,
+        )
 
     def to_dict(self, bits: int) -> dict:
         return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": self.embeddings and bits == 4,
-                "int8_layers": list(self.int8_layers) if bits == 4 else []}
+                "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": bool(self.embeddings) and bits == 4,
+                "int8_layers": list(self.int8_layers or ()) if bits == 4 else []}
 
 
 class _QuietRootLogger:
@@ -84,15 +101,23 @@ def output_projection(model) -> str | None:
     return node.name if node is not None and node.op_type in ("MatMul", "Gemm") else None
 
 
-def named_matmuls(model, names: tuple[str, ...]) -> list[str]:
-    """The MatMul nodes whose path ("/model/layers.3/mlp/down_proj/MatMul") has one of `names` as a component."""
-    wanted = set(names)
-    return [n.name for n in model.graph.node
-            if n.op_type == "MatMul" and wanted & set(n.name.replace(".", "/").split("/") + n.name.split("/"))]
+def named_matmuls(model, names: tuple[str, ...]) -> dict[str, list[str]]:
+    """For each name, the MatMul nodes whose path ("/model/layers.3/mlp/down_proj/MatMul") has it as a component."""
+    found: dict[str, list[str]] = {name: [] for name in names}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            parts = set(node.name.split("/")) | set(node.name.replace(".", "/").split("/"))
+            for name in parts & found.keys():
+                found[name].append(node.name)
+    return found
 
 
-def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_rows: list[list[int]] | None = None) -> None:
-    """Replace `path` (an ONNX model) by its weight-only quantised version."""
+def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_rows: list[list[int]] | None = None,
+                     task: str = "seq-cls") -> WeightOnly:
+    """Replace `path` (an ONNX model) by its weight-only quantised version; return the settings applied (the
+    task's defaults filled in, and of the default 8-bit layers those this graph has)."""
+    given = options.int8_layers is not None
+    options = options.for_task(task, bits)
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
@@ -140,12 +165,15 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
                         "quantises every MatMul whatever is excluded)")
     model = onnx.load(str(path))
     head = output_projection(model) if options.head != "same" else None
-    eight = named_matmuls(model, options.int8_layers) if options.int8_layers else []
-    if options.int8_layers and not eight:
+    found = named_matmuls(model, options.int8_layers)
+    eight = [node for nodes in found.values() for node in nodes]
+    if given and options.int8_layers and not eight:
         from qelalora.errors import UserError
 
         raise UserError(f"--int8-layers {','.join(options.int8_layers)} names no MatMul of this graph; use the "
                         "names in its node paths, e.g. down_proj, v_proj, lm_head (BERT: value, output)")
+    if not given:  # the task's default names: keep those this architecture has
+        options = replace(options, int8_layers=tuple(name for name, nodes in found.items() if nodes))
     excluded = [n for n in [head, *eight] if n]
     quantizer = nbits.MatMulNBitsQuantizer(
         model, bits=bits, block_size=options.block_size, is_symmetric=options.symmetric,
@@ -164,6 +192,7 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
                                                    nodes_to_exclude=keep_float)
             quantizer.process()
     quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    return options
 
 
 def quantise_dynamic_int8(path: Path) -> None:

@@ -228,7 +228,7 @@ def test_weight_only_algorithms_stay_close_to_pytorch(arch, request, tmp_path):
     run = request.getfixturevalue(f"{arch}_run")
     rel = {}
     for fmt, algo in [("merged-int8", "rtn")] + [("merged-int4", a) for a in INT4_ALGOS]:
-        info = export_run(run, tmp_path / f"{fmt}-{algo}", fmt, quant=WeightOnly(algo), log=lambda *a: None)
+        info = export_run(run, tmp_path / f"{fmt}-{algo}", fmt, quant=WeightOnly(algo, head="same", embeddings=False, int8_layers=()), log=lambda *a: None)
         parity = info["parity"]
         rel[fmt, algo] = parity["max_abs_logit_diff"] / parity["logit_scale"]
         assert info["weight_only"]["algo"] == algo and info["weight_only"]["bits"] == (8 if fmt == "merged-int8" else 4)
@@ -248,7 +248,7 @@ def test_the_output_projection_can_stay_float_or_take_8_bits(arch, request, tmp_
     diffs, bits = {}, {}
     for head in HEADS:
         folder = tmp_path / head
-        info = export_run(run, folder, "merged-int4", quant=WeightOnly(head=head), log=lambda *a: None)
+        info = export_run(run, folder, "merged-int4", quant=WeightOnly(head=head, embeddings=False, int8_layers=()), log=lambda *a: None)
         graph = onnx.load(str(folder / "model.onnx"))
         assert info["weight_only"]["head"] == head
         nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
@@ -263,11 +263,36 @@ def test_the_output_projection_can_stay_float_or_take_8_bits(arch, request, tmp_
         assert bits["same"] == bits["float"] == bits["int8"] == [4] and len(set(diffs.values())) == 1
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_merged_int4_defaults_per_task(arch, request, tmp_path):
+    """Decoders: value / FFN up and down projections and the LM head at 8 bits, the table at 4 (SmolLM2's
+    measured mix); encoders: every MatMul at 4 bits."""
+    run = request.getfixturevalue(f"{arch}_run")
+    info = export_run(run, tmp_path / "default", "merged-int4", log=lambda *a: None)
+    graph = onnx.load(str(tmp_path / "default" / "model.onnx")).graph
+    bits = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            bits.setdefault(n.name.split("/")[-2], set()).add(next(a.i for a in n.attribute if a.name == "bits"))
+    quant = info["weight_only"]
+    if arch == "llama":
+        assert quant["int8_layers"] == ["v_proj", "up_proj", "down_proj"] and quant["head"] == "int8" and quant["embeddings"]
+        assert bits == {"q_proj": {4}, "k_proj": {4}, "o_proj": {4}, "gate_proj": {4}, "v_proj": {8}, "up_proj": {8},
+                        "down_proj": {8}, "lm_head": {8}}
+        assert "GatherBlockQuantized" in {n.op_type for n in graph.node}
+        assert info["parity"]["metric_onnx"] < 1.5 * info["parity"]["metric_pytorch"]
+    else:
+        assert quant["int8_layers"] == [] and quant["head"] == "same" and not quant["embeddings"]
+        assert {b for v in bits.values() for b in v} == {4}
+        assert abs(info["parity"]["metric_onnx"] - info["parity"]["metric_pytorch"]) <= 0.25
+
+
 def test_int4_embeddings_quantise_the_table_lookup_too(llama_run, tmp_path, capsys):
     from qelalora.export.quantise import WeightOnly
 
-    plain = export_run(llama_run, tmp_path / "plain", "merged-int4", log=lambda *a: None)
-    info = export_run(llama_run, tmp_path / "emb", "merged-int4", quant=WeightOnly(embeddings=True), log=lambda *a: None)
+    plain = export_run(llama_run, tmp_path / "plain", "merged-int4", quant=WeightOnly(head="same", embeddings=False, int8_layers=()), log=lambda *a: None)
+    info = export_run(llama_run, tmp_path / "emb", "merged-int4", quant=WeightOnly(head="same", embeddings=True, int8_layers=()),
+                      log=lambda *a: None)
     graph = onnx.load(str(tmp_path / "emb" / "model.onnx")).graph
     tables = {t.name for t in graph.initializer}
     assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
@@ -286,9 +311,9 @@ def test_int8_layers_make_a_mixed_int4_file(llama_run, tmp_path, capsys):
         return {n.name.split("/")[-2]: next(a.i for a in n.attribute if a.name == "bits")
                 for n in graph.node if n.op_type == "MatMulNBits"}, graph
 
-    plain = export_run(llama_run, tmp_path / "plain", "merged-int4", log=lambda *a: None)
-    info = export_run(llama_run, tmp_path / "mixed", "merged-int4", quant=WeightOnly(int8_layers=("down_proj", "lm_head")),
-                      log=lambda *a: None)
+    plain = export_run(llama_run, tmp_path / "plain", "merged-int4", quant=WeightOnly(head="same", embeddings=False, int8_layers=()), log=lambda *a: None)
+    info = export_run(llama_run, tmp_path / "mixed", "merged-int4",
+                      quant=WeightOnly(head="same", embeddings=False, int8_layers=("down_proj", "lm_head")), log=lambda *a: None)
     kinds = {}
     for name, bits in bits_by_layer(tmp_path / "mixed")[0].items():
         kinds.setdefault(name, set()).add(bits)
@@ -298,7 +323,7 @@ def test_int8_layers_make_a_mixed_int4_file(llama_run, tmp_path, capsys):
     assert plain["files"]["model.onnx"] < info["files"]["model.onnx"]
     assert info["parity"]["metric_onnx"] < 1.5 * info["parity"]["metric_pytorch"]  # the tiny model still predicts
     floaty = export_run(llama_run, tmp_path / "float-head", "merged-int4",
-                        quant=WeightOnly(int8_layers=("down_proj",), head="float"), log=lambda *a: None)
+                        quant=WeightOnly(int8_layers=("down_proj",), head="float", embeddings=False), log=lambda *a: None)
     assert "lm_head" not in bits_by_layer(tmp_path / "float-head")[0] and floaty["weight_only"]["head"] == "float"
     code, _, err = run_cli(capsys, "export", str(llama_run), "-f", "merged-int4", "--int8-layers", "mlp_out",
                            "-o", str(tmp_path / "x"))
