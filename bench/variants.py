@@ -85,7 +85,7 @@ def confirm():
 def confirm_long():
     """The defaults against PEFT LoRA at a longer horizon (about 3 epochs on MiniLM, like the paper's)."""
     pair = [("elalora", ""), ("lora", "eqbytes")]
-    return _cells("minilm", pair, [8, 2], [0, 1], steps=2000) + _cells("smollm2", pair, [4], [0, 1], steps=300)
+    return _cells("minilm", pair, [2, 8], [0, 1], steps=2000) + _cells("smollm2", pair, [4], [0, 1], steps=300)
 
 
 def sweep_lr():
