@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", default=onnx_formats, choices=FORMATS)
     parser.add_argument("--reuse", action="store_true",
                         help="time folders an earlier run exported (same settings) instead of exporting again")
-    parser.add_argument("--genai-precisions", nargs="+", default=["int4"], choices=["int4", "fp16", "fp32"])
+    parser.add_argument("--genai-precisions", nargs="+", default=["int4-mixed"], choices=["int4-mixed", "int4", "fp16", "fp32"])
     parser.add_argument("--int4-algos", nargs="+", default=["rtn"], choices=INT4_ALGOS)
     parser.add_argument("--accuracy-levels", nargs="+", default=["default"], choices=["default", "1", "2", "3", "4"],
                         help="MatMulNBits CPU compute types to compare (default = ONNX Runtime's choice)")

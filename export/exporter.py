@@ -125,7 +125,7 @@ def export_run(
     parity_examples: int = 8,
     metric_examples: int = 500,
     log=print,
-    genai_precision: str = "int4",
+    genai_precision: str = "int4-mixed",
 ) -> dict:
     """Export a finished run in one format, check it, and return the summary."""
     if fmt not in FORMATS:

@@ -3,7 +3,11 @@ generates from, for decoders.
 
 Built with that package's own model builder from the merged checkpoint (the
 NF4 base dequantised with the adapters merged in, saved as a plain Hugging
-Face folder), at fp32, fp16 or int4 (its MatMulNBits, int8 CPU compute).
+Face folder), at fp32, fp16 or int4 (its MatMulNBits, int8 CPU compute), or
+`int4-mixed` (the default): the builder's fp32 graph, quantised by qelalora
+with merged-int4's decoder mix (attention input, FFN up/down and the LM head
+at 8 bits, the rest at 4), which keeps SmolLM2's perplexity at 1.05x where
+the builder's all-4-bit graph loses 1.6x (BENCHMARKS.md).
 The folder is checked like the other formats (`parity`, through
 `runtime.GenaiModel`): logits on held-out rows, the perplexity, greedy tokens. Its
 LoRA path (`og.Adapters`) takes adapters of one rank per model, not the
@@ -25,8 +29,11 @@ from pathlib import Path
 from qelalora.errors import UserError
 
 from .modules import merge_model
+from .quantise import WeightOnly, quantise_weights
 
-PRECISIONS = ("int4", "fp16", "fp32")
+PRECISIONS = ("int4-mixed", "int4", "fp16", "fp32")
+# the builder fuses q/k/v into one qkv_proj MatMul; v_proj is kept for builders that do not
+GENAI_INT8_LAYERS = ("qkv_proj", "v_proj", "up_proj", "down_proj")
 
 
 def available() -> bool:
@@ -54,9 +61,14 @@ def build(run, folder: Path, precision: str, config) -> None:
         run.tokenizer.save_pretrained(checkpoint)
         done = subprocess.run(
             [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
-             "-p", precision, "-e", "cpu", "-c", str(cache)],
+             "-p", "fp32" if precision == "int4-mixed" else precision, "-e", "cpu", "-c", str(cache)],
             capture_output=True, text=True,
         )
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
         raise UserError(f"ONNX Runtime GenAI's builder could not build this model: {last[:400]}")
+    if precision == "int4-mixed":
+        graph = folder / "model.onnx"
+        quantise_weights(graph, 4, WeightOnly(int8_layers=GENAI_INT8_LAYERS, head="int8", embeddings=False), task="causal-lm")
+        for data in folder.glob("model.onnx.data"):  # the fp32 weights, now inside the quantised graph
+            data.unlink()

@@ -30,6 +30,7 @@ THRESHOLDS = {
     "genai-fp32": 1e-4,
     "genai-fp16": 1e-2,
     "genai-int4": None,
+    "genai-int4-mixed": None,
 }
 GREEDY_TOKENS = 32
 

@@ -370,5 +370,17 @@ def test_genai_folder_matches_pytorch_and_runs_in_infer_and_eval(genai_llama_run
     ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
     assert "MatMulNBits" in ops and int4["precision"] == "int4" and int4["parity"]["threshold"] is None
     assert 0 < int4["parity"]["metric_onnx"] < 2 * int4["parity"]["metric_pytorch"]
+
+    mixed = export_run(genai_llama_run, tmp_path / "mixed", "genai", log=lambda *a: None)  # the default precision
+    graph = onnx.load(str(tmp_path / "mixed" / "model.onnx")).graph
+    bits = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            bits.setdefault(n.name.split("/")[-2], set()).add(next(a.i for a in n.attribute if a.name == "bits"))
+    assert mixed["precision"] == "int4-mixed" and not (tmp_path / "mixed" / "model.onnx.data").exists()
+    assert bits == {"qkv_proj": {8}, "o_proj": {4}, "gate_proj": {4}, "up_proj": {8}, "down_proj": {8}, "lm_head": {8}}
+    assert 0 < mixed["parity"]["metric_onnx"] < 1.5 * mixed["parity"]["metric_pytorch"]
+    code, out, _ = run_cli(capsys, "infer", str(tmp_path / "mixed"), "the film is", "--max-new-tokens", "4")
+    assert code == 0 and "completion" in json.loads(out.strip().splitlines()[-1])
     with pytest.raises(UserError, match="for decoders"):
         export_run(bert_run, tmp_path / "bert", "genai", log=lambda *a: None)
