@@ -31,7 +31,7 @@ from qelalora.errors import UserError
 from .modules import merge_model
 from .quantise import WeightOnly, quantise_weights
 
-PRECISIONS = ("int4-mixed", "int4", "fp16", "fp32")
+PRECISIONS = ("int4-mixed", "int4", "fp32", "fp16")
 # the builder fuses q/k/v into one qkv_proj MatMul; v_proj is kept for builders that do not
 GENAI_INT8_LAYERS = ("qkv_proj", "v_proj", "up_proj", "down_proj")
 
@@ -52,6 +52,11 @@ def build(run, folder: Path, precision: str, config) -> None:
         raise UserError("--format genai is for decoders (causal LMs); export encoders as merged-* or nf4-adapters")
     if precision not in PRECISIONS:
         raise UserError(f"--genai-precision: one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp16":
+        # built for the CPU (-e cpu), the fp16 graph stops at its second token (a buffer-reuse shape mismatch in
+        # an inserted Cast; onnxruntime-genai issue 2009: the CPU provider has little fp16 support)
+        raise UserError("--genai-precision fp16: ONNX Runtime GenAI's fp16 graph does not run on the CPU provider "
+                        "(onnxruntime-genai issue 2009); use int4-mixed (the default), int4 or fp32")
     model = copy.deepcopy(run.model)
     merge_model(model)
     model.config = config  # the edge config: no training-time quantisation block

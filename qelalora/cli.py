@@ -259,7 +259,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder."
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 (weight-only) | merged-int8-dynamic | nf4-adapters | swappable | genai (ONNX Runtime GenAI folder, decoders)")] = "nf4-adapters",
-    genai_precision: Annotated[str, typer.Option(help="genai: int4-mixed (the default: the builder's fp32 graph with merged-int4's decoder mix; SmolLM2 perplexity 1.05x), int4 (the builder's own, 1.6x), fp16 or fp32.")] = "int4-mixed",
+    genai_precision: Annotated[str, typer.Option(help="genai: int4-mixed (the default: the builder's fp32 graph with merged-int4's decoder mix; SmolLM2 perplexity 1.05x), int4 (the builder's own, 1.6x) or fp32 (fp16 graphs do not run on ONNX Runtime GenAI's CPU provider).")] = "int4-mixed",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN_DIR/onnx-FORMAT).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     prune_threshold: Annotated[float, typer.Option(help="Drop triplets whose update has spectral norm below this.")] = 1e-6,

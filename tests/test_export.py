@@ -384,3 +384,5 @@ def test_genai_folder_matches_pytorch_and_runs_in_infer_and_eval(genai_llama_run
     assert code == 0 and "completion" in json.loads(out.strip().splitlines()[-1])
     with pytest.raises(UserError, match="for decoders"):
         export_run(bert_run, tmp_path / "bert", "genai", log=lambda *a: None)
+    with pytest.raises(UserError, match="does not run on the CPU provider"):
+        export_run(genai_llama_run, tmp_path / "fp16", "genai", genai_precision="fp16", log=lambda *a: None)
