@@ -263,6 +263,15 @@ def test_the_output_projection_can_stay_float_or_take_8_bits(arch, request, tmp_
         assert bits["same"] == bits["float"] == bits["int8"] == [4] and len(set(diffs.values())) == 1
 
 
+def _bits_by_layer_kind(graph) -> dict[str, set[int]]:
+    """The bit widths of the MatMulNBits nodes, by layer kind ("/model/layers.3/mlp/down_proj/MatMul" -> down_proj)."""
+    bits: dict[str, set[int]] = {}
+    for n in graph.node:
+        if n.op_type == "MatMulNBits":
+            bits.setdefault(n.name.split("/")[-2], set()).add(next(a.i for a in n.attribute if a.name == "bits"))
+    return bits
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_merged_int4_defaults_per_task(arch, request, tmp_path):
     """Decoders: value / FFN up and down projections and the LM head at 8 bits, the table at 4 (SmolLM2's
@@ -270,10 +279,7 @@ def test_merged_int4_defaults_per_task(arch, request, tmp_path):
     run = request.getfixturevalue(f"{arch}_run")
     info = export_run(run, tmp_path / "default", "merged-int4", log=lambda *a: None)
     graph = onnx.load(str(tmp_path / "default" / "model.onnx")).graph
-    bits = {}
-    for n in graph.node:
-        if n.op_type == "MatMulNBits":
-            bits.setdefault(n.name.split("/")[-2], set()).add(next(a.i for a in n.attribute if a.name == "bits"))
+    bits = _bits_by_layer_kind(graph)
     quant = info["weight_only"]
     if arch == "llama":
         assert quant["int8_layers"] == ["v_proj", "up_proj", "down_proj"] and quant["head"] == "int8" and quant["embeddings"]
@@ -307,24 +313,19 @@ def test_int8_layers_make_a_mixed_int4_file(llama_run, tmp_path, capsys):
     from qelalora.export.quantise import WeightOnly
 
     def bits_by_layer(folder):
-        graph = onnx.load(str(folder / "model.onnx")).graph
-        return {n.name.split("/")[-2]: next(a.i for a in n.attribute if a.name == "bits")
-                for n in graph.node if n.op_type == "MatMulNBits"}, graph
+        return _bits_by_layer_kind(onnx.load(str(folder / "model.onnx")).graph)
 
     plain = export_run(llama_run, tmp_path / "plain", "merged-int4", quant=WeightOnly(head="same", embeddings=False, int8_layers=()), log=lambda *a: None)
     info = export_run(llama_run, tmp_path / "mixed", "merged-int4",
                       quant=WeightOnly(head="same", embeddings=False, int8_layers=("down_proj", "lm_head")), log=lambda *a: None)
-    kinds = {}
-    for name, bits in bits_by_layer(tmp_path / "mixed")[0].items():
-        kinds.setdefault(name, set()).add(bits)
-    assert kinds == {"q_proj": {4}, "k_proj": {4}, "v_proj": {4}, "o_proj": {4}, "gate_proj": {4}, "up_proj": {4},
-                     "down_proj": {8}, "lm_head": {8}}
+    assert bits_by_layer(tmp_path / "mixed") == {"q_proj": {4}, "k_proj": {4}, "v_proj": {4}, "o_proj": {4},
+                                                 "gate_proj": {4}, "up_proj": {4}, "down_proj": {8}, "lm_head": {8}}
     assert info["weight_only"]["int8_layers"] == ["down_proj", "lm_head"]
     assert plain["files"]["model.onnx"] < info["files"]["model.onnx"]
     assert info["parity"]["metric_onnx"] < 1.5 * info["parity"]["metric_pytorch"]  # the tiny model still predicts
     floaty = export_run(llama_run, tmp_path / "float-head", "merged-int4",
                         quant=WeightOnly(int8_layers=("down_proj",), head="float", embeddings=False), log=lambda *a: None)
-    assert "lm_head" not in bits_by_layer(tmp_path / "float-head")[0] and floaty["weight_only"]["head"] == "float"
+    assert "lm_head" not in bits_by_layer(tmp_path / "float-head") and floaty["weight_only"]["head"] == "float"
     code, _, err = run_cli(capsys, "export", str(llama_run), "-f", "merged-int4", "--int8-layers", "mlp_out",
                            "-o", str(tmp_path / "x"))
     assert code != 0 and "names no MatMul of this graph" in err
@@ -372,11 +373,7 @@ def test_genai_folder_matches_pytorch_and_runs_in_infer_and_eval(genai_llama_run
     assert 0 < int4["parity"]["metric_onnx"] < 2 * int4["parity"]["metric_pytorch"]
 
     mixed = export_run(genai_llama_run, tmp_path / "mixed", "genai", log=lambda *a: None)  # the default precision
-    graph = onnx.load(str(tmp_path / "mixed" / "model.onnx")).graph
-    bits = {}
-    for n in graph.node:
-        if n.op_type == "MatMulNBits":
-            bits.setdefault(n.name.split("/")[-2], set()).add(next(a.i for a in n.attribute if a.name == "bits"))
+    bits = _bits_by_layer_kind(onnx.load(str(tmp_path / "mixed" / "model.onnx")).graph)
     assert mixed["precision"] == "int4-mixed" and not (tmp_path / "mixed" / "model.onnx.data").exists()
     assert bits == {"qkv_proj": {8}, "o_proj": {4}, "gate_proj": {4}, "up_proj": {8}, "down_proj": {8}, "lm_head": {8}}
     assert 0 < mixed["parity"]["metric_onnx"] < 1.5 * mixed["parity"]["metric_pytorch"]
