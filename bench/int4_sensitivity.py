@@ -62,8 +62,8 @@ def main() -> None:
             seconds = time.time() - started
             size = (folder / "model.onnx").stat().st_size
             perplexity = EdgeModel(folder).evaluate(examples)["perplexity"]
-        row = {"config": config, "int8_layers": list(eight), "split": args.split, "embeddings": args.embeddings, "perplexity": perplexity, "pytorch_nf4": reference,
-               "ratio": perplexity / reference, "bytes": size, "x_fp32": size / fp32_bytes,
+        row = {"config": config, "int8_layers": list(eight), "split": args.split, "embeddings": args.embeddings,
+               "perplexity": perplexity, "pytorch_nf4": reference, "ratio": perplexity / reference, "bytes": size, "x_fp32": size / fp32_bytes,
                "quantise_s": round(seconds, 1), "examples": len(examples), "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(row), flush=True)
         with open(args.out, "a", encoding="utf-8") as f:

@@ -132,6 +132,7 @@ def export_run(
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise RunDirError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it")
+    quant.check(fmt)
     started = time.time()
     run = load_trained(run_dir)
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0

@@ -58,6 +58,27 @@ class WeightOnly:
             int8_layers=(DECODER_INT8_LAYERS if mixed else ()) if self.int8_layers is None else self.int8_layers,
         )
 
+    def check(self, fmt: str) -> None:
+        """Stop with a clear error when these settings cannot apply to `fmt` (before any slow work)."""
+        from qelalora.errors import UserError
+
+        if self.algo not in INT4_ALGOS:
+            raise UserError(f"--int4-algo: one of {', '.join(INT4_ALGOS)}, got {self.algo!r}")
+        if self.head is not None and self.head not in HEADS:
+            raise UserError(f"--head: one of {', '.join(HEADS)}, got {self.head!r}")
+        if fmt == "merged-int8" and self.algo != "rtn":
+            raise UserError("merged-int8 is round-to-nearest only; --int4-algo applies to merged-int4")
+        if self.head not in (None, "same") and self.algo == "gptq":
+            # measured on SmolLM2: with gptq the excluded head came out 4-bit all the same (same file, same perplexity)
+            raise UserError("--head int8/float works with rtn, hqq and k-quant; ONNX Runtime's GPTQ path quantises "
+                            "every MatMul whatever is excluded")
+        if self.embeddings and (fmt != "merged-int4" or self.algo != "rtn"):
+            raise UserError("--int4-embeddings applies to merged-int4 with --int4-algo rtn (ONNX Runtime quantises a "
+                            "Gather to 4 bits only, with round-to-nearest)")
+        if self.int8_layers and (fmt != "merged-int4" or self.algo == "gptq"):
+            raise UserError("--int8-layers applies to merged-int4 with --int4-algo rtn, hqq or k-quant (ONNX Runtime's "
+                            "GPTQ path quantises every MatMul whatever is excluded)")
+
     def to_dict(self, bits: int) -> dict:
         return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
                 "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": bool(self.embeddings) and bits == 4,
@@ -116,27 +137,13 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
                      task: str = "seq-cls") -> WeightOnly:
     """Replace `path` (an ONNX model) by its weight-only quantised version; return the settings applied (the
     task's defaults filled in, and of the default 8-bit layers those this graph has)."""
+    options.check("merged-int4" if bits == 4 else "merged-int8")
     given = options.int8_layers is not None
     options = options.for_task(task, bits)
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    if options.algo not in INT4_ALGOS:
-        raise ValueError(f"unknown weight-only algorithm {options.algo!r}; choose one of {', '.join(INT4_ALGOS)}")
-    if options.head not in HEADS:
-        raise ValueError(f"unknown head choice {options.head!r}; choose one of {', '.join(HEADS)}")
-    if options.head != "same" and options.algo == "gptq":
-        from qelalora.errors import UserError
-
-        # measured on SmolLM2: with gptq the excluded head came out 4-bit all the same (same file, same perplexity)
-        raise UserError("--head int8/float works with rtn, hqq and k-quant; ONNX Runtime's GPTQ path quantises "
-                        "every MatMul whatever is excluded")
-    if options.embeddings and (options.algo != "rtn" or bits != 4):
-        from qelalora.errors import UserError
-
-        raise UserError("--int4-embeddings is for merged-int4 with --int4-algo rtn (ONNX Runtime quantises a Gather to "
-                        "4 bits only, with round-to-nearest)")
     if options.algo == "hqq":
         config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
     elif options.algo == "k-quant":
@@ -158,11 +165,6 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
     if options.algo == "rtn":
         config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
                                                     accuracy_level=options.accuracy_level, bits=bits, **ops)
-    if options.int8_layers and (options.algo == "gptq" or bits != 4):
-        from qelalora.errors import UserError
-
-        raise UserError("--int8-layers is for merged-int4 with rtn, hqq or k-quant (ONNX Runtime's GPTQ path "
-                        "quantises every MatMul whatever is excluded)")
     model = onnx.load(str(path))
     head = output_projection(model) if options.head != "same" else None
     found = named_matmuls(model, options.int8_layers)

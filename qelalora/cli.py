@@ -296,20 +296,9 @@ def export(
         ranks = export_adapter_only(run_dir, adapter_only, overwrite)
         typer.echo(f"wrote {adapter_only}: total rank {sum(ranks.values())} over {sum(1 for r in ranks.values() if r)} live layers")
         return
-    from .export.quantise import HEADS, INT4_ALGOS, WeightOnly
+    from .export.quantise import WeightOnly
 
-    if int4_algo not in INT4_ALGOS:
-        raise UserError(f"--int4-algo: one of {', '.join(INT4_ALGOS)}, got {int4_algo!r}")
-    if format_ == "merged-int8" and int4_algo != "rtn":
-        raise UserError("merged-int8 is round-to-nearest only; --int4-algo applies to merged-int4")
-    if head is not None and head not in HEADS:
-        raise UserError(f"--head: one of {', '.join(HEADS)}, got {head!r}")
-    if int4_embeddings and (format_ != "merged-int4" or int4_algo != "rtn"):
-        raise UserError("--int4-embeddings applies to merged-int4 with --int4-algo rtn (ONNX Runtime quantises a Gather "
-                        "to 4 bits only, with round-to-nearest)")
     eight = None if int8_layers is None else tuple(n.strip() for n in int8_layers.split(",") if n.strip() not in ("", "none"))
-    if eight and (format_ != "merged-int4" or int4_algo == "gptq"):
-        raise UserError("--int8-layers applies to merged-int4 with --int4-algo rtn, hqq or k-quant")
     quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings, eight)
     export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
                genai_precision=genai_precision)
