@@ -119,10 +119,11 @@ def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tin
     assert result["predicted"]["total"] == json.loads(out)["footprint"]["total_bytes"]
     assert result["measured"]["resident"] > 0 and result["measured"]["peak"] >= result["measured"]["resident"]
     predicted, tensors = result["predicted"], result["tensors"]  # tensors counted as a GPU counts them
-    assert 0.8 < tensors["peak"] / predicted["total"] < 1.2
-    assert 0.75 < tensors["step_peak_above_resident"] / predicted["activations"] < 1.25
-    # evaluation: 2 x 8 rows of 24 tokens, fp32 logits and their log-softmax over 128 tokens
-    assert predicted["evaluation"] == 2 * (2 * 8) * 24 * 128 * 4 and tensors["eval_peak_above_resident"] > predicted["evaluation"] / 2
+    assert json.loads(out)["footprint"]["traced"]  # activations from a step traced on fake tensors, not the formula
+    assert 0.9 < tensors["peak"] / predicted["total"] < 1.1
+    assert 0.9 < tensors["step_peak_above_resident"] / predicted["activations"] < 1.1
+    assert 0.9 < tensors["eval_peak_above_resident"] / predicted["evaluation"] < 1.1
+    assert predicted["process_total"] > predicted["total"]  # the CPU process: + code, tokeniser, C heap
     code, out, _ = run_cli(capsys, "plan", "-r", str(recipe), "--measure")
     assert code == 0 and "tensors" in out and "steps above that (activations)" in out
 

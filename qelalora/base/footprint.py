@@ -26,6 +26,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 NF4_BLOCK = 64
+C_HEAP_MMAP_LIMIT = 32 * 2**20  # glibc's mmap threshold rises to at most this: smaller blocks come from its heap
+HEAP_KEPT = 0.7  # freed blocks glibc's heap holds at a step's peak, per byte of live blocks it serves (bench/plan_check.py)
+RUNTIME_BYTES = 64 * 2**20  # code loaded with the model (transformers' model classes, bitsandbytes), data set readers
+TOKENISER_BYTES_PER_TOKEN = 600  # a loaded fast tokeniser (vocabulary and merges): 14-31 MiB at 30-49k, ~150 MiB at 262k
 DQ_BLOCK = 256  # double quantisation: the fp32 absmax of blocks is itself quantised to uint8 in blocks of 256
 
 
@@ -42,6 +46,9 @@ class Footprint:
     activation_bytes: int
     budget_bytes: int
     eval_bytes: int = 0  # the evaluation pass (no autograd; a causal LM's logits over its vocabulary at 2x the batch)
+    traced: bool = False  # activations and evaluation from a traced step (`run.trace`), else from the formula
+    process_resident_bytes: int | None = None  # CPU: what the process holds above its start once loaded (`process_bytes`)
+    process_bytes: int | None = None  # CPU: the process's expected peak above its start
 
     @property
     def total_bytes(self) -> int:
@@ -67,6 +74,29 @@ def base_bytes(model: nn.Module, quantize: str, skip: tuple[str, ...], dtype_byt
         seen.add(id(p))
         total += p.numel() * dtype_bytes
     return total
+
+
+def largest_dequantized_bytes(model: nn.Module, quantize: str, skip: tuple[str, ...], dtype_bytes: int) -> int:
+    """bitsandbytes dequantises an NF4 weight to the compute dtype for each matmul: one such weight is alive at once."""
+    if quantize != "nf4":
+        return 0
+    sizes = [m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and not any(s in name for s in skip)]
+    return max(sizes, default=0) * dtype_bytes
+
+
+def process_bytes(fp: Footprint, traced, vocab_size: int) -> tuple[int, int]:
+    """What a CPU process holds at its peak beyond its start: the tensors, the code and tokeniser loaded with the
+    model, and the blocks glibc's heap keeps. glibc maps a block of its own only when it is over its mmap threshold,
+    which climbs with every mapped block freed (to 32 MiB at most; loading and tokenising take it near there), so
+    blocks under `C_HEAP_MMAP_LIMIT` come from the heap, which does not hand freed ones back during a step: it
+    peaks at (1 + HEAP_KEPT) x the live small blocks (1.5-1.9x measured over nine model / shape pairs,
+    bench/plan_check.py). Evaluation runs after `release_free_heap`. Without a trace (`traced` None) every
+    activation counts as small. Returns (resident once loaded, peak)."""
+    small_step = traced.step_small if traced else fp.activation_bytes
+    small_eval = traced.evaluation_small if traced else fp.eval_bytes
+    resident = fp.base_bytes + fp.adapter_bytes + RUNTIME_BYTES + TOKENISER_BYTES_PER_TOKEN * vocab_size
+    phases = max(fp.activation_bytes + HEAP_KEPT * small_step, fp.eval_bytes + HEAP_KEPT * small_eval)
+    return int(resident), int(resident + phases)
 
 
 def activation_bytes(config, batch: int, seq: int, dtype_bytes: int, causal_lm: bool, checkpointing: bool = False) -> int:

@@ -238,12 +238,21 @@ def head_params(model: nn.Module, spec: ArchSpec) -> list[nn.Parameter]:
     params = []
     for module in head_modules(model, spec):
         if any(p.dtype != torch.float32 for p in module.parameters()):
-            module.float()
+            _to_fp32(module)
             module.register_forward_pre_hook(_fp32_inputs)
         params += list(module.parameters())
     for p in params:
         p.requires_grad_(True)
     return params
+
+
+def _to_fp32(module: nn.Module) -> None:
+    """Give `module` fp32 copies of its parameters as new Parameters (what `.float()` does, also for the plan's
+    fake tensors, which `.float()` cannot convert in place)."""
+    for sub in module.modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            if p.dtype != torch.float32:
+                sub.register_parameter(name, nn.Parameter(p.detach().float(), requires_grad=p.requires_grad))
 
 
 def _fp32_inputs(module: nn.Module, args: tuple) -> tuple:

@@ -16,7 +16,7 @@ import gc
 
 import torch
 
-from ..base.footprint import PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes
+from ..base.footprint import PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes, release_free_heap
 from .data import evaluate
 from .job import _loss, build_run
 from .plan import EVAL_BATCH_FACTOR
@@ -60,6 +60,7 @@ def measure(recipe: Recipe, steps: int = 2) -> dict:
     step_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    release_free_heap()  # as `evaluate` does first, before the high-water mark restarts
     rss.reset()
     held_out = [{"input_ids": row.tolist()} for row in longest_batch(
         run.spec.task, EVAL_BATCH_FACTOR * t.batch_size, recipe.data.max_length, run.model.config.vocab_size,
@@ -78,7 +79,8 @@ def measure(recipe: Recipe, steps: int = 2) -> dict:
         "steps": steps,
         "shape": {"batch": t.batch_size, "seq": recipe.data.max_length},
         "predicted": {"resident": fp.base_bytes + fp.adapter_bytes, "activations": fp.activation_bytes,
-                      "evaluation": fp.eval_bytes, "total": fp.total_bytes},
+                      "evaluation": fp.eval_bytes, "total": fp.total_bytes,
+                      "process_resident": fp.process_resident_bytes, "process_total": fp.process_bytes},
         "measured": {"resident": resident, "load_peak": load_peak, "peak": max(step_peak, eval_peak, load_peak),
                      "step_peak_above_resident": max(0, step_peak - resident),
                      "eval_peak_above_resident": max(0, eval_peak - resident)},
@@ -105,25 +107,28 @@ def describe(result: dict) -> str:
     def ratio(measured: int | None, predicted: int | None) -> str:
         return f"{measured / predicted:6.2f}x" if measured is not None and predicted else f"{'':7s}"
 
-    def row(name: str, predicted: int | None, key: str) -> str:
+    def row(name: str, predicted: int | None, key: str, process_predicted: int | None = None) -> str:
         counted = m[key] if cuda else tensors.get(key)
         line = f"  {name:<32s}{mib(predicted)} {mib(counted)} {ratio(counted, predicted)}"
-        return line if cuda else line + f" {mib(m[key])} {ratio(m[key], predicted)}"
+        if cuda:
+            return line
+        return line + f" {mib(process_predicted)} {mib(m[key])} {ratio(m[key], process_predicted)}"
 
-    head = f"  {'':32s}{'predicted':>9s} {'tensors':>9s} {'ratio':>7s}" + ("" if cuda else f" {'process':>9s} {'ratio':>7s}")
+    head = f"  {'':32s}{'predicted':>9s} {'tensors':>9s} {'ratio':>7s}" + (
+        "" if cuda else f" {'predicted':>9s} {'process':>9s} {'ratio':>7s}")
     notes = [] if cuda else [
         "  tensors: the storages torch allocates (what a GPU's max_memory_allocated counts); process: RSS above the",
-        "  process before loading, which also holds the code loaded with the model, the tokeniser and the C heap's",
-        "  freed but kept blocks (glibc keeps the steps' activation blocks).",
+        "  process before loading, which also holds the code and tokeniser loaded with the model and the C heap's",
+        "  freed but kept blocks (glibc keeps a step's freed activation blocks until the step ends).",
     ]
     return "\n".join([
         f"Measured ({result['steps']} steps at batch {result['shape']['batch']} x {result['shape']['seq']} tokens"
         f"{'; torch.cuda.max_memory_allocated' if cuda else ''}), MiB:",
         head,
-        row("model + adapters (+ data, RSS)", p["resident"], "resident"),
-        *([] if cuda else [f"  {'loading peak':<32s}{mib(None)} {mib(None)} {'':7s} {mib(m['load_peak'])}"]),
+        row("model + adapters (+ data, RSS)", p["resident"], "resident", p.get("process_resident")),
+        *([] if cuda else [f"  {'loading peak':<32s}{mib(None)} {mib(None)} {'':7s} {mib(None)} {mib(m['load_peak'])}"]),
         row("steps above that (activations)", p["activations"], "step_peak_above_resident"),
         row("evaluation above that", p["evaluation"] or None, "eval_peak_above_resident"),
-        row("peak", p["total"], "peak"),
+        row("peak", p["total"], "peak", p.get("process_total")),
         *notes,
     ])

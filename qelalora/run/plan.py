@@ -8,18 +8,21 @@ cache) or, offline, from the recipe's own `model.config`.
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass, replace
 
 import torch
 
 from ..base import embedded
-from ..base.footprint import Footprint, activation_bytes, base_bytes, eval_bytes, fmt_mib
+from ..base.footprint import (C_HEAP_MMAP_LIMIT, Footprint, activation_bytes, base_bytes, eval_bytes, fmt_mib,
+                              largest_dequantized_bytes, process_bytes)
 from ..base.hub import go_offline_if_unreachable
-from ..base.models import arch_spec, head_modules, select_targets, target_paths
+from ..base.models import arch_spec, head_modules, head_params, select_targets, target_paths, wrap_linears
 from ..errors import UserError
 from ..method.budget import RankPlan
 from .recipe import Recipe
+from .trace import TracedBytes, trace_step_bytes
 from .training import plan_ranks, target_shapes
 
 
@@ -80,14 +83,14 @@ class MemoryPlan:
             f"(smallest workable budget: {fmt_mib(rp.min_budget_bytes)})\n"
             f"  predicted footprint: base {fmt_mib(fp.base_bytes)} + adapter state {fmt_mib(fp.adapter_bytes)} + "
             f"activations ~{fmt_mib(fp.activation_bytes)} (batch {self.batch} x {self.seq} tokens)"
-            + (f", or evaluation ~{fmt_mib(fp.eval_bytes)} (batch {EVAL_BATCH_FACTOR * self.batch}: logits over the vocabulary)"
-               if fp.eval_bytes else "")
+            + (f", or evaluation ~{fmt_mib(fp.eval_bytes)} (batch {EVAL_BATCH_FACTOR * self.batch})" if fp.eval_bytes else "")
             + f" = {fmt_mib(fp.total_bytes)}\n"
             f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
             f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
-            + ("\n  on a CPU the process holds more than these tensors (code loaded with the model, the tokeniser, the C "
-               "heap's kept blocks): 1.3x to 2.3x on the models measured; `--measure` gives this machine's figure"
-               if self.device == "cpu" else "")
+            + (f"\n  on this CPU the process should peak near {fmt_mib(fp.process_bytes)} above its start: these tensors, "
+               f"the code and tokeniser loaded with the model, and the freed blocks the C heap keeps during a step"
+               if fp.process_bytes else "")
+            + ("" if fp.traced else "\n  activations by formula (tracing a step failed): expect them off by up to 1.5x")
             + (f"\n  {self.processes} processes: each holds the base and the adapters, so the budget and every figure "
                f"above are per process; the global batch is {self.processes} x {self.batch}" if self.processes > 1 else "")
         )
@@ -146,8 +149,8 @@ def memory_plan(recipe: Recipe, processes: int = 1, device: str | None = None, d
     _check_sequence_length(recipe, config)
     if spec.task == "seq-cls":
         config.num_labels = recipe.model.num_labels
+    auto = AutoModelForSequenceClassification if spec.task == "seq-cls" else AutoModelForCausalLM
     with torch.device("meta"):
-        auto = AutoModelForSequenceClassification if spec.task == "seq-cls" else AutoModelForCausalLM
         model = auto.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     device = device or resolve_device(recipe.train.device)
     dtype_bytes = 2 if device.startswith("cuda") else 4
@@ -156,18 +159,58 @@ def memory_plan(recipe: Recipe, processes: int = 1, device: str | None = None, d
     _, _, rp = plan_ranks(target_shapes(model, paths), heads, recipe.elalora)
     e, t = recipe.elalora, recipe.train
     base = base_bytes(model, recipe.model.quantize, spec.unquantized, dtype_bytes)
-    acts = {on: activation_bytes(config, t.batch_size, recipe.data.max_length, dtype_bytes, spec.task == "causal-lm", on)
+    shape = (t.batch_size, recipe.data.max_length, EVAL_BATCH_FACTOR * t.batch_size)
+    traced = {on: _traced(recipe, config, spec, auto, config.num_hidden_layers, rp.rank, shape, device, on,
+                          largest_dequantized_bytes(model, recipe.model.quantize, spec.unquantized, dtype_bytes))
+              for on in (False, True)}
+    acts = {on: traced[on].step if traced[on] else
+            activation_bytes(config, t.batch_size, recipe.data.max_length, dtype_bytes, spec.task == "causal-lm", on)
             for on in (False, True)}
     if t.gradient_checkpointing == "auto":
         checkpointing = device.startswith("cuda") and base + rp.adapter_bytes + acts[False] > (device_bytes or _device_bytes(device))
     else:
         checkpointing = bool(t.gradient_checkpointing)
-    evaluation = eval_bytes(config, EVAL_BATCH_FACTOR * t.batch_size, recipe.data.max_length, spec.task == "causal-lm")
+    chosen_trace = traced[checkpointing]
+    evaluation = chosen_trace.evaluation if chosen_trace else eval_bytes(config, shape[2], shape[1], spec.task == "causal-lm")
     fp = Footprint(base_bytes=base, adapter_bytes=rp.adapter_bytes, activation_bytes=acts[checkpointing], budget_bytes=e.budget_bytes,
-                   eval_bytes=evaluation)
+                   eval_bytes=evaluation, traced=chosen_trace is not None)
+    if device == "cpu":
+        fp.process_resident_bytes, fp.process_bytes = process_bytes(fp, chosen_trace, config.vocab_size)
     chosen = tuple(spec.targets[k] for k in select_targets(spec, recipe.model.targets))
     return MemoryPlan(rp, fp, len(paths), recipe.model.name, t.batch_size, recipe.data.max_length, checkpointing,
                       acts[not checkpointing], chosen, spec.discovered, processes, device)
+
+
+def _traced(recipe: Recipe, config, spec, auto, layers: int, rank: int, shape: tuple[int, int, int], device: str,
+            checkpointing: bool, dequantized: int) -> TracedBytes | None:
+    """One traced step (see `trace`); None, with a note, where the model's code cannot run on fake tensors."""
+    e = recipe.elalora
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+    def build(n: int):
+        return auto.from_config(_cut(config, n), trust_remote_code=recipe.model.trust_remote_code, dtype=dtype)
+
+    def wrap(model):
+        paths = target_paths(model, spec, recipe.model.targets)
+        wrap_linears(model, paths, rank, e.alpha, dropout=e.dropout, start="lora", score_state=e.score_state)
+        head_params(model, spec)
+
+    try:
+        return trace_step_bytes(build, wrap, layers, spec.task, *shape, checkpointing, dequantized, C_HEAP_MMAP_LIMIT)
+    except Exception as err:  # noqa: BLE001  a model's own code can fail on fake tensors in any way; the formula stands in
+        print(f"note: activations estimated by formula (tracing a step failed: {type(err).__name__}: "
+              f"{str(err).splitlines()[0][:200] if str(err) else ''})", file=sys.stderr)
+        return None
+
+
+def _cut(config, n: int):
+    """A copy of `config` with its first `n` blocks (per-block lists such as Gemma-3's `layer_types` cut too)."""
+    cut = copy.deepcopy(config)
+    cut.num_hidden_layers = n
+    if isinstance(getattr(cut, "layer_types", None), list):
+        cut.layer_types = cut.layer_types[:n]
+    return cut
 
 
 def gpu_fit(recipe: Recipe, gb: float) -> dict:
