@@ -47,7 +47,8 @@ def test_train_bert_end_to_end(settings, tmp_path, tiny_bert_dir, capsys):
     assert report["adapter_bytes_final"] <= 0.3 * 2**20
     memory = json.loads((run / "memory.json").read_text())
     assert memory["measured_peak_bytes"] > 0 and memory["footprint"]["total_bytes"] > memory["adapter_bytes"]
-    assert "Memory plan" in out and "initial rank" in out
+    assert memory["footprint"]["process_bytes"] > memory["footprint"]["total_bytes"]  # a CPU process: + code and heap
+    assert "Memory plan" in out and "initial rank" in out and "for the process" in out
     metrics = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [5, 10, 15, 20, 25, 30]
 

@@ -168,6 +168,14 @@ def build_run(recipe: Recipe, log=print, procs: Processes = Processes(), device:
     return Run(recipe, model, spec, data, state, stream, device, plan)
 
 
+def _memory_line(fp, measured: int, device: str) -> str:
+    """Predicted beside measured, like for like: CUDA counts tensors; a CPU process also holds code and heap."""
+    if device.startswith("cuda") or fp.process_bytes is None:
+        return f"memory: predicted {fmt_mib(fp.total_bytes)}, measured {fmt_mib(measured)} (CUDA max allocated)"
+    return (f"memory: predicted {fmt_mib(fp.process_bytes)} for the process ({fmt_mib(fp.total_bytes)} of tensors), "
+            f"measured {fmt_mib(measured)} (peak RSS above the RSS before loading)")
+
+
 def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseline_rss: int, loop: dict) -> dict:
     state, recipe = run.state, run.recipe
     names = {id(p): n for n, p in run.model.named_parameters()}
@@ -318,7 +326,6 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, log, pro
     scores = "; ".join(f"{name} {value}" for name, value in held_out.items()) or "no held-out split to evaluate"
     log(
         f"done: {run_dir} ({summary['seconds']:.0f} s); {scores}\n"
-        f"memory: predicted {fmt_mib(run.plan.footprint.total_bytes)}, measured {fmt_mib(summary['measured_training_bytes'])} "
-        f"({'CUDA max allocated' if run.device.startswith('cuda') else 'peak RSS above the RSS before loading'})"
+        + _memory_line(run.plan.footprint, summary["measured_training_bytes"], run.device)
     )
     return summary
