@@ -185,7 +185,6 @@ def _traced(recipe: Recipe, config, spec, auto, layers: int, rank: int, shape: t
             checkpointing: bool, dequantized: int) -> TracedBytes | None:
     """One traced step (see `trace`); None, with a note, where the model's code cannot run on fake tensors."""
     e = recipe.elalora
-
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
 
     def build(n: int):
