@@ -146,6 +146,8 @@ def plan(
 ):
     """Show the memory plan (initial ranks, adapter bytes, predicted footprint) without training.
 
+    Activations come from one step traced on fake tensors; on a CPU the plan also predicts the peak RSS.
+
     Examples:
 
       qelalora plan --budget-mb 512
