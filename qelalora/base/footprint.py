@@ -4,9 +4,10 @@ The byte budget covers the adapter state only (exact, see `budget`). Beside
 it users need to know whether the whole job fits: the NF4 base weights, the
 adapter state, and activations at the recipe's batch and sequence length.
 The base is counted from the model's real shapes (built on the meta device,
-so `qelalora plan` needs no weights); activations use the standard estimate
-for a transformer layer (Korthikanti et al. 2022: s*b*h*(34 + 5*a*s/h) bytes
-in 16-bit), scaled to the compute dtype, plus the logits for a causal LM.
+so `qelalora plan` needs no weights); activations come from a step traced on
+fake tensors (`run.trace`), with the standard per-layer estimate (Korthikanti
+et al. 2022) as the fallback where a model's code cannot be traced. On a CPU
+the process holds more than its tensors; `process_bytes` predicts how much.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 NF4_BLOCK = 64
+DQ_BLOCK = 256  # double quantisation: the fp32 absmax of blocks is itself quantised to uint8 in blocks of 256
 C_HEAP_MMAP_LIMIT = 32 * 2**20  # glibc's mmap threshold rises to at most this: smaller blocks come from its heap
 HEAP_KEPT = 0.7  # freed blocks glibc's heap holds at a step's peak, per byte of live blocks it serves (bench/plan_check.py)
 RUNTIME_BYTES = 64 * 2**20  # code loaded with the model (transformers' model classes, bitsandbytes), data set readers
 TOKENISER_BYTES_PER_TOKEN = 600  # a loaded fast tokeniser (vocabulary and merges): 14-31 MiB at 30-49k, ~150 MiB at 262k
-DQ_BLOCK = 256  # double quantisation: the fp32 absmax of blocks is itself quantised to uint8 in blocks of 256
 
 
 def nf4_weight_bytes(numel: int) -> int:
@@ -87,8 +88,8 @@ def largest_dequantized_bytes(model: nn.Module, quantize: str, skip: tuple[str, 
 def process_bytes(fp: Footprint, traced, vocab_size: int) -> tuple[int, int]:
     """What a CPU process holds at its peak beyond its start: the tensors, the code and tokeniser loaded with the
     model, and the blocks glibc's heap keeps. glibc maps a block of its own only when it is over its mmap threshold,
-    which climbs with every mapped block freed (to 32 MiB at most; loading and tokenising take it near there), so
-    blocks under `C_HEAP_MMAP_LIMIT` come from the heap, which does not hand freed ones back during a step: it
+    which climbs with every mapped block freed (to 32 MiB at most), so blocks under `C_HEAP_MMAP_LIMIT` are taken
+    to come from the heap, which does not hand freed ones back during a step: it
     peaks at (1 + HEAP_KEPT) x the live small blocks (1.5-1.9x measured over nine model / shape pairs,
     bench/plan_check.py). Evaluation runs after `release_free_heap`. Without a trace (`traced` None) every
     activation counts as small. Returns (resident once loaded, peak)."""
