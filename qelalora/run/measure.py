@@ -16,7 +16,7 @@ import gc
 
 import torch
 
-from ..base.footprint import PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes, release_free_heap
+from ..base.footprint import Footprint, PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes, release_free_heap
 from .data import evaluate
 from .job import _loss, build_run
 from .plan import EVAL_BATCH_FACTOR
@@ -30,6 +30,12 @@ def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, 
     ids = torch.randint(3, max(4, vocab), (batch, seq), generator=g)
     labels = torch.randint(0, num_labels, (batch,), generator=g) if task == "seq-cls" else ids.clone()
     return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}.items()}
+
+
+def predicted_figures(fp: Footprint) -> dict:
+    """The plan's figures under the names `measure` reports its measurements."""
+    return {"resident": fp.base_bytes + fp.adapter_bytes, "activations": fp.activation_bytes, "evaluation": fp.eval_bytes,
+            "total": fp.total_bytes, "process_resident": fp.process_resident_bytes, "process_total": fp.process_bytes}
 
 
 def measure(recipe: Recipe, steps: int = 2) -> dict:
@@ -78,9 +84,7 @@ def measure(recipe: Recipe, steps: int = 2) -> dict:
         "measured_with": "torch.cuda.max_memory_allocated" if cuda else "RSS above the process before loading",
         "steps": steps,
         "shape": {"batch": t.batch_size, "seq": recipe.data.max_length},
-        "predicted": {"resident": fp.base_bytes + fp.adapter_bytes, "activations": fp.activation_bytes,
-                      "evaluation": fp.eval_bytes, "total": fp.total_bytes,
-                      "process_resident": fp.process_resident_bytes, "process_total": fp.process_bytes},
+        "predicted": predicted_figures(fp),
         "measured": {"resident": resident, "load_peak": load_peak, "peak": max(step_peak, eval_peak, load_peak),
                      "step_peak_above_resident": max(0, step_peak - resident),
                      "eval_peak_above_resident": max(0, eval_peak - resident)},

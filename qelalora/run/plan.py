@@ -213,13 +213,15 @@ def _cut(config, n: int):
 
 
 def gpu_fit(recipe: Recipe, gb: float) -> dict:
-    """The plan on a CUDA GPU of `gb` GB (bf16 compute), with and without gradient checkpointing."""
+    """The plan on a CUDA GPU of `gb` GB (bf16 compute), with and without gradient checkpointing (one plan holds
+    the activations both ways)."""
     total = int(gb * 10**9)
     out = {"gpu_bytes": total, "batch": recipe.train.batch_size, "seq": recipe.data.max_length}
+    plan = memory_plan(recipe, device="cuda", device_bytes=total)
+    activations = {plan.checkpointing: plan.footprint.activation_bytes, not plan.checkpointing: plan.activations_other}
     for on in (False, True):
-        forced = replace(recipe, train=replace(recipe.train, gradient_checkpointing=on))
-        fp = memory_plan(forced, device="cuda", device_bytes=total).footprint
-        out["with_checkpointing" if on else "without_checkpointing"] = {"bytes": fp.total_bytes, "fits": fp.total_bytes <= total}
+        need = replace(plan.footprint, activation_bytes=activations[on]).total_bytes
+        out["with_checkpointing" if on else "without_checkpointing"] = {"bytes": need, "fits": need <= total}
     return out
 
 

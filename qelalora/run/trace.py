@@ -18,13 +18,12 @@ allocator slack (CUDA's caching allocator, the C heap on a CPU; see `footprint`)
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from ..base.footprint import TensorBytes
 
 
 @dataclass(frozen=True)
@@ -35,41 +34,14 @@ class TracedBytes:
     evaluation_small: int  # the same for `evaluation`
 
 
-class _StorageBytes(TorchDispatchMode):
-    """Live and peak bytes of the storages ops create while active, and how much of the peak sits in storages
-    smaller than `small`. Scalars read from tensors (`.item()`) come back as 1: models read them to ask whether a
-    mask has padding, and the traced batch has none."""
-
-    def __init__(self, small: int):
-        super().__init__()
-        self.small = small
-        self.live = self.live_small = 0
-        self.peak = self.peak_small = 0
-        self._sizes: dict[int, int] = {}
+class _FakeStepBytes(TensorBytes):
+    """`TensorBytes` over fake tensors. Scalars read from tensors (`.item()`) come back as 1: models read them to
+    ask whether a mask has padding, and the traced batch has none."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             return 1
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata
-                if key in inputs or key in self._sizes:
-                    continue
-                self._sizes[key] = n = storage.nbytes()
-                self.live += n
-                self.live_small += n if n < self.small else 0
-                if self.live > self.peak:
-                    self.peak, self.peak_small = self.live, self.live_small
-                weakref.finalize(storage, self._freed, key)
-        return out
-
-    def _freed(self, key: int) -> None:
-        n = self._sizes.pop(key, 0)
-        self.live -= n
-        self.live_small -= n if n < self.small else 0
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 def trace_step_bytes(build_model, wrap, layers: int, task: str, batch: int, seq: int, eval_batch: int,
@@ -102,10 +74,10 @@ def _trace(build, wrap, task: str, batch: int, seq: int, eval_batch: int, checkp
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-        with _StorageBytes(small) as step:
+        with _FakeStepBytes(small) as step:
             _loss(model, task, batch, seq, use_cache=False).backward()  # a cache holds what backward keeps anyway
         model.eval()
-        with torch.no_grad(), _StorageBytes(small) as evaluation:
+        with torch.no_grad(), _FakeStepBytes(small) as evaluation:
             _loss(model, task, eval_batch, seq, use_cache=False)
     return step.peak, step.peak_small, evaluation.peak, evaluation.peak_small
 
