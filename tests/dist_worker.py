@@ -18,7 +18,7 @@ def train(rank: int, world: int, port: int, recipe_path: str, out: str, steps: i
     """Process `rank` of `world` (world 1: no process group) trains `steps` steps; writes out/process-<rank>.*"""
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                          LOCAL_RANK=str(rank))
+                          LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     procs = distributed.from_environment()
     device = distributed.start(procs, "cpu")

@@ -3,13 +3,13 @@
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
@@ -19,11 +19,6 @@ from tests.test_resume import _same_adapters, _wait_for_checkpoint
 
 STEPS = 24
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -45,11 +40,14 @@ def _recipe(tmp_path, model, batch, name="r.yaml", **train):
 
 
 def _spawn(recipe, out: Path, world: int, perturb=False) -> list[dict]:
+    """Start `world` training processes. As under torchrun, this (the launching) process hosts the rendezvous
+    store, so no worker serves the others' connections while it shuts down."""
     out.mkdir()
     if world == 1:
         dist_worker.train(0, 1, 0, str(recipe), str(out), STEPS)
     else:
-        mp.spawn(dist_worker.train, args=(world, _free_port(), str(recipe), str(out), STEPS, perturb), nprocs=world)
+        store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+        mp.spawn(dist_worker.train, args=(world, store.port, str(recipe), str(out), STEPS, perturb), nprocs=world)
     return [json.loads((out / f"process-{k}.json").read_text()) for k in range(world)]
 
 

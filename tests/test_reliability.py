@@ -50,6 +50,37 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(capsys, tmp_path, be
     assert json.loads((run / "report.json").read_text())["steps"] == 12
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_killed_while_an_old_checkpoint_is_deleted_leaves_no_broken_one(tmp_path, bert_recipe, monkeypatch, capsys):
+    """Rotation deletes the oldest checkpoint file by file; a kill half-way must not leave a damaged step-* folder."""
+    import shutil
+
+    real = shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.startswith(".discarded-") and path.exists():
+            (path / ckpt.TENSORS).unlink()  # the first file is gone, then the process dies
+            raise _Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_half_way)
+    run = tmp_path / "run"
+    with pytest.raises(_Killed):
+        run_cli(capsys, "train", "-r", bert_recipe, "-o", str(run), "--no-progress")
+    names = [c.name for c in ckpt.list_checkpoints(run)]
+    assert names == ["step-00000004", "step-00000006"]  # keep 2: step 2 was being deleted when the kill came
+    assert all(ckpt.verify(c) is None for c in ckpt.list_checkpoints(run))
+    assert [p.name for p in (run / "checkpoints").glob(".discarded-*")] == [".discarded-step-00000002"]
+    monkeypatch.setattr(ckpt.shutil, "rmtree", real)
+    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
+    assert code == 0, err
+    assert not list((run / "checkpoints").glob(".discarded-*"))  # the next checkpoint cleared what was left
+
+
 def test_output_folder_not_writable(capsys, tmp_path, bert_recipe):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")

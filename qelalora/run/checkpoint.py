@@ -7,7 +7,8 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` with
   allocator history, data position;
 - `manifest.json`: SHA-256 of both files, written last.
 It is written under a temporary name, fsynced, then renamed, so a folder with
-the final name is complete; a folder whose checksums do not match is skipped
+the final name is complete; an old one is renamed away before it is deleted,
+so a kill during the deletion never leaves a half-deleted folder behind; a folder whose checksums do not match is skipped
 (with a message) in favour of the previous good one.
 """
 
@@ -118,7 +119,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dic
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
     tmp = root / f".partial-{PREFIX}{state.step:08d}"
-    for stale in root.glob(f".partial-{PREFIX}*"):  # left by a run killed while writing
+    for stale in [*root.glob(f".partial-{PREFIX}*"), *root.glob(f".discarded-{PREFIX}*")]:  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -128,7 +129,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dic
         _fsync(tmp / TENSORS)
         write_json_atomic(tmp / MANIFEST, {"step": state.step, TENSORS: _sha256(tmp / TENSORS), STATE: _sha256(tmp / STATE)})
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.replace(tmp, final)
         _fsync(root)
     except OSError as err:
@@ -137,8 +138,19 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dic
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"could not write checkpoint {final.name} ({err.strerror or err}); {kept}") from err
     for old in sorted(list_checkpoints(run_dir))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _discard(old)
+        except OSError:  # an old checkpoint that cannot be removed costs disk space, not the run
+            continue
     return final
+
+
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: one atomic rename out of the checkpoints' names first, then the files."""
+    doomed = checkpoint.with_name(f".discarded-{checkpoint.name}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
