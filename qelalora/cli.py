@@ -169,7 +169,7 @@ def plan(
     if measure:
         from .run.measure import measure as run_measure
 
-        measured = run_measure(loaded)
+        measured = run_measure(loaded, plan=result)
     if as_json:
         extra = {**({"gpu": gpu} if gpu else {}), **({"measured": measured} if measured else {})}
         typer.echo(json.dumps({**result.to_dict(), **extra}, indent=2))

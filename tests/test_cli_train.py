@@ -108,7 +108,7 @@ def test_plan_command_reports_rank_and_footprint(capsys, tiny_llama_dir):
     assert plan["adapter_bytes"] <= plan["budget_bytes"] == 2**20
 
 
-def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tiny_llama_dir, capsys):
+def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_llama_dir, write_lm_data(tmp_path / "d.jsonl"), causal=True)
     proc = cli_process("plan", "-r", str(recipe), "--measure", "--json")  # a fresh process, as a user runs it
     out, _ = proc.communicate(timeout=300)
@@ -125,8 +125,15 @@ def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tin
     assert 0.9 < tensors["step_peak_above_resident"] / predicted["activations"] < 1.1
     assert 0.9 < tensors["eval_peak_above_resident"] / predicted["evaluation"] < 1.1
     assert predicted["process_total"] > predicted["total"]  # the CPU process: + code, tokeniser, C heap
+    from qelalora.run import job, plan
+
+    made = []
+    real = plan.memory_plan
+    monkeypatch.setattr(plan, "memory_plan", lambda *a, **k: made.append(1) or real(*a, **k))
+    monkeypatch.setattr(job, "memory_plan", plan.memory_plan)
     code, out, _ = run_cli(capsys, "plan", "-r", str(recipe), "--measure")
     assert code == 0 and "tensors" in out and "steps above that (activations)" in out
+    assert len(made) == 1  # the run that measures uses the plan printed, not a second trace
 
 
 def test_report_command(tmp_path, tiny_bert_dir, capsys):

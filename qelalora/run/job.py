@@ -121,10 +121,12 @@ class Run:
     plan: MemoryPlan
 
 
-def build_run(recipe: Recipe, log=print, procs: Processes = Processes(), device: str | None = None) -> Run:
+def build_run(recipe: Recipe, log=print, procs: Processes = Processes(), device: str | None = None,
+              plan: MemoryPlan | None = None) -> Run:
+    """Load everything a run needs; `plan` is the recipe's memory plan when the caller already made it."""
     from transformers import AutoTokenizer
 
-    plan = memory_plan(recipe, procs.world)
+    plan = plan if plan is not None else memory_plan(recipe, procs.world)
     log(plan.describe())
     device = device or resolve_device(recipe.train.device)
     torch.manual_seed(recipe.train.seed)

@@ -19,7 +19,7 @@ import torch
 from ..base.footprint import Footprint, PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes, release_free_heap
 from .data import evaluate
 from .job import _loss, build_run
-from .plan import EVAL_BATCH_FACTOR
+from .plan import EVAL_BATCH_FACTOR, MemoryPlan
 from .recipe import Recipe
 from .training import train_step
 
@@ -38,7 +38,7 @@ def predicted_figures(fp: Footprint) -> dict:
             "total": fp.total_bytes, "process_resident": fp.process_resident_bytes, "process_total": fp.process_bytes}
 
 
-def measure(recipe: Recipe, steps: int = 2) -> dict:
+def measure(recipe: Recipe, steps: int = 2, plan: MemoryPlan | None = None) -> dict:
     """Run the recipe's model for `steps` steps in this process; returns predicted and measured bytes.
 
     On a CPU one more step runs under `TensorBytes`, which counts tensors only (what CUDA's figures count), so
@@ -51,7 +51,7 @@ def measure(recipe: Recipe, steps: int = 2) -> dict:
     rss.reset()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    run = build_run(recipe, log=lambda *a, **k: None)
+    run = build_run(recipe, log=lambda *a, **k: None, plan=plan)
     gc.collect()
     resident = torch.cuda.memory_allocated() if cuda else current_rss_bytes() - baseline
     load_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
