@@ -36,6 +36,10 @@ VARIANTS: dict[str, dict] = {
                            "delta": 25, "b0": 2},
     "lora-start-rn-triplet": {**REF, "init": "lora", "gamma": 0.1, "regulariser": "rank-normalised",
                               "gamma_decay": "linear", "score_state": "triplet"},
+    # tighter budgets: the shipped defaults, but a layer may be pruned to rank 0 (leave the model)
+    "floor0": {"r_min": 0},
+    # rounds rank triplets by score per byte of training state (wide layers' triplets must be worth more)
+    "per-byte": {"allocation": "per-byte"},
 }
 
 
@@ -95,8 +99,23 @@ def sweep_lr():
     return cells + _cells("minilm", [("lora", "")], [2, 8], [0], split="val", lr=5e-4)
 
 
+def tight():
+    """Where adaptivity can pay: rank 1 everywhere at the start, so a rank round can only move rank by taking a
+    layer out (r_min 0); beside it the same start with rounds off and PEFT LoRA r = 1 (validation split)."""
+    methods = [("lora", "eqbytes"), ("fixed", ""), ("elalora", "floor0")]
+    return _cells("minilm", methods, [1], [0, 1, 2], split="val")
+
+
+def perbyte():
+    """Score-per-byte rank rounds against the shipped defaults (score order), 3 seeds, validation split; PEFT LoRA's
+    validation cells (seeds 0-2) are the sweep's."""
+    methods = [("lora", ""), ("elalora", ""), ("elalora", "per-byte")]
+    return _cells("minilm", methods, [2, 8], [0, 1, 2], split="val")
+
+
 def sweep():
     return sweep1() + sweep2() + sweep_smollm2()
 
 
-SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep, "sweep_lr": sweep_lr, "confirm": confirm, "confirm_long": confirm_long}
+SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep, "sweep_lr": sweep_lr, "confirm": confirm, "confirm_long": confirm_long,
+          "tight": tight, "perbyte": perbyte}

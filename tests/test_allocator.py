@@ -180,3 +180,26 @@ def test_freed_slots_that_no_layer_can_take_go_back(ranks):
     plan = plan_round(views(ranks, scores, [(16, 16)] * len(ranks)), b=4, k=2, r_min=0, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
     assert sum(plan.new_ranks(ranks)) == sum(ranks)
     assert plan.bytes_after == plan.bytes_before
+
+
+def test_per_byte_weighs_scores_by_what_a_triplet_costs():
+    # l0 is 4x wider than l1 and l2 (4x the bytes per triplet); by score alone its weakest triplet (0.3) outranks
+    # l1's (0.2), by score per byte it is the cheapest to lose (0.3 / 4 < 0.2)
+    widths = [(128, 128), (32, 32), (32, 32)]
+    scores = [[0.3, 2.0], [0.2, 1.0], [0.5, 0.6]]
+    kw = dict(b=1, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    by_score = plan_round(views([2, 2, 2], scores, widths), **kw)
+    assert by_score.prune == {1: [0]} and by_score.grow == {0: 1}  # l0's 2.0 is the strongest score
+    per_byte = plan_round(views([2, 2, 2], scores, widths), **kw, per_byte=True)
+    assert per_byte.prune == {0: [0]} and per_byte.grow == {1: 1}  # 1.0 per unit beats 2.0 / 4 and 0.6
+    # the budget the start held is kept: the bytes of one wide triplet pay for one narrow one and leave some unspent
+    budget = adapter_bytes([LayerShape("x", *w) for w in widths], [2, 2, 2], ADAMW, 0)
+    tight = plan_round(views([2, 2, 2], scores, widths), **{**kw, "budget_bytes": budget}, per_byte=True)
+    assert tight.new_ranks([2, 2, 2]) == [1, 3, 2] and tight.bytes_after <= budget
+
+
+def test_per_byte_is_the_score_order_when_layers_are_alike():
+    v = lambda: views([3, 3, 3], [[0.5, 0.1, 0.9], [0.2, 0.3, 0.8], [5.0, 6.0, 7.0]])  # noqa: E731
+    a = plan_round(v(), b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    b = plan_round(v(), b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0, per_byte=True)
+    assert (a.prune, a.grow) == (b.prune, b.grow)

@@ -31,11 +31,11 @@ def layer_sets(draw):
 
 
 @settings(max_examples=400, deadline=None)
-@given(layer_sets(), st.integers(1, 4), st.integers(0, 8))
-def test_plan_keeps_every_promise(case, k, b):
+@given(layer_sets(), st.integers(1, 4), st.integers(0, 8), st.booleans())
+def test_plan_keeps_every_promise(case, k, b, per_byte):
     views, r_min, fixed, budget = case
     ranks = [v.rank for v in views]
-    plan = plan_round(views, b, k, r_min, budget, ADAMW, fixed)
+    plan = plan_round(views, b, k, r_min, budget, ADAMW, fixed, per_byte=per_byte)
     new = plan.new_ranks(ranks)
     assert plan.bytes_after <= budget
     assert plan.bytes_after == adapter_bytes([v.shape for v in views], new, ADAMW, fixed)
@@ -48,7 +48,8 @@ def test_plan_keeps_every_promise(case, k, b):
                 continue
             extra = layer_bytes(v.shape.d_in, v.shape.d_out, new[i] + 1, ADAMW) - layer_bytes(v.shape.d_in, v.shape.d_out, new[i], ADAMW)
             assert plan.grow.get(i, 0) >= k or new[i] >= v.shape.max_rank or plan.bytes_after + extra > budget, i
-    again = plan_round([LayerView(v.shape, v.rank, v.scores.clone()) for v in views], b, k, r_min, budget, ADAMW, fixed)
+    again = plan_round([LayerView(v.shape, v.rank, v.scores.clone()) for v in views], b, k, r_min, budget, ADAMW, fixed,
+                       per_byte=per_byte)
     assert (again.prune, again.grow, again.bytes_after) == (plan.prune, plan.grow, plan.bytes_after)
     for i, v in enumerate(views):
         assert new[i] <= v.shape.max_rank

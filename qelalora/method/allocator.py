@@ -85,25 +85,25 @@ class _Candidate:
     prunable: bool
 
 
-def _candidate_pool(layers: Sequence[LayerView], k: int, r_min: int) -> list[_Candidate]:
+def _candidate_pool(layers: Sequence[LayerView], k: int, r_min: int, weights: Sequence[float]) -> list[_Candidate]:
     """Each layer's k weakest triplets; those that would take it below r_min are not prunable."""
     pool = []
     for li, view in enumerate(layers):
         if view.rank == 0:
             continue  # a layer at rank 0 has left the model for good
-        scores = view.scores.tolist()
+        scores = [s * weights[li] for s in view.scores.tolist()]
         weakest = sorted(range(view.rank), key=lambda t: (scores[t], t))[: min(k, view.rank)]
         for position, t in enumerate(weakest):
             pool.append(_Candidate(scores[t], li, t, prunable=position < view.rank - r_min))
     return pool
 
 
-def _growth_order(layers: Sequence[LayerView], pool: list[_Candidate]) -> list[int]:
+def _growth_order(layers: Sequence[LayerView], pool: list[_Candidate], weights: Sequence[float]) -> list[int]:
     """Layer indices in the order growth slots are offered: the pool's entries from the
     strongest down, then every other live triplet from the strongest down."""
     in_pool = {(c.layer, c.triplet) for c in pool}
     rest = [
-        _Candidate(score, li, t, prunable=False)
+        _Candidate(score * weights[li], li, t, prunable=False)
         for li, view in enumerate(layers)
         for t, score in enumerate(view.scores.tolist())
         if (li, t) not in in_pool
@@ -125,8 +125,14 @@ def plan_round(
     opt: StateCost,
     fixed_bytes: int,
     max_total_rank: int | None = None,
+    per_byte: bool = False,
 ) -> RoundPlan:
     """One ADJUST round: prune the b weakest pool entries, then offer each freed slot for growth.
+
+    Triplets are ranked by score, or with `per_byte` by score per byte of training
+    state they hold: under a byte budget a triplet of a wide layer (an FFN's, say
+    2.5x an attention triplet's bytes) must be worth that much more to be kept or
+    grown, the greedy answer to the knapsack the budget poses.
 
     A slot goes to the owner of the strongest pool entry that can take it, then
     down the pool, then to the other triplets by score: a layer pruned in this
@@ -139,7 +145,9 @@ def plan_round(
     shapes = [v.shape for v in layers]
     ranks = [v.rank for v in layers]
     plan = RoundPlan(bytes_before=adapter_bytes(shapes, ranks, opt, fixed_bytes))
-    pool = _candidate_pool(layers, k, r_min)
+    unit = _one_more_triplet_bytes(LayerShape("", 1, 1), 0, opt)  # weights are relative; any common scale will do
+    weights = [unit / _one_more_triplet_bytes(v.shape, max(v.rank - 1, 0), opt) if per_byte else 1.0 for v in layers]
+    pool = _candidate_pool(layers, k, r_min, weights)
     if b <= 0 or not pool:
         plan.bytes_after = plan.bytes_before
         return plan
@@ -154,7 +162,7 @@ def plan_round(
     slots = sum(len(t) for t in plan.prune.values())
     new_ranks = plan.new_ranks(ranks)
     used = adapter_bytes(shapes, new_ranks, opt, fixed_bytes)
-    order = _growth_order(layers, pool)
+    order = _growth_order(layers, pool, weights)
     while slots:  # a layer with fewer than k triplets in the order may take a second slot on a later pass
         granted = 0
         for li in order:

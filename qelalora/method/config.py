@@ -23,6 +23,7 @@ PRESETS: dict[str, dict] = {
         "lr_mult_E": 1.0,
         "lr_mult_B": 1.0,
         "score_state": "element",
+        "allocation": "score",
     },
 }
 # The choices of the method keys (kept here, torch-free, so recipes validate without torch).
@@ -31,6 +32,7 @@ SCALINGS = ("rank", "sqrt-rank")
 REGULARISER_FORMS = ("plain", "squared", "rank-normalised")
 GAMMA_DECAYS = ("none", "linear")
 SCORE_STATES = ("element", "element-bf16", "triplet")  # see qelalora.method.importance
+ALLOCATIONS = ("score", "per-byte")  # see qelalora.method.allocator.plan_round
 
 
 @dataclass
@@ -49,6 +51,7 @@ class ElaLoRAConfig:
     init: str = "lora"  # lora (B = 0, E = 1) | gaussian (the paper's) | orthonormal | residual (qelalora.method.starts)
     init_std: float = 0.02  # the gaussian start's standard deviation
     k: int = 2  # candidates per layer per round, and the most a layer can gain in one round
+    allocation: str = "score"  # rounds rank triplets by score (the paper's) | per-byte: score / the triplet's bytes
     b0: int = 4  # triplets pruned per round at the start of the adjustment phase
     t_init: int | float = 0.1  # warm-up: steps, or a fraction of total steps
     t_final: int | float = 0.2  # stabilisation: steps, or a fraction of total steps

@@ -41,6 +41,7 @@ class ElasticRanks:
     fixed_bytes: int  # heads + optimiser state shared by all parameters
     k: int = 2
     r_min: int = 1
+    per_byte: bool = False  # weigh each triplet's score by the bytes it holds (see plan_round)
     beta1: float = 0.85
     beta2: float = 0.85
     seed: int = 0
@@ -71,7 +72,8 @@ class ElasticRanks:
 
     def plan(self, b: int) -> RoundPlan:
         views = [LayerView(s, l.rank, triplet_scores(l)) for s, l in zip(self.shapes, self._layer_list)]
-        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.state_cost, self.fixed_bytes, self.max_total_rank)
+        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.state_cost, self.fixed_bytes,
+                          self.max_total_rank, self.per_byte)
 
     def run_round(self, step: int, b: int, optimizer: torch.optim.Optimizer | None) -> RoundRecord:
         plan = self.plan(b)

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from ..method.config import GAMMA_DECAYS, PRESETS, REGULARISER_FORMS, SCALINGS, SCORE_STATES, STARTS, ElaLoRAConfig
+from ..method.config import (ALLOCATIONS, GAMMA_DECAYS, PRESETS, REGULARISER_FORMS, SCALINGS, SCORE_STATES, STARTS,
+                             ElaLoRAConfig)
 from ..errors import RecipeError
 
 MAX_RECIPE_BYTES = 1 << 20
@@ -206,7 +207,7 @@ def _check_ranges(recipe: Recipe, errors: list[str]) -> None:
     need(0 <= e.dropout < 1, f"elalora.dropout: must be in [0, 1), got {e.dropout}")
     need(e.optimizer in ("adamw", "adamw8bit"), f"elalora.optimizer: 'adamw' or 'adamw8bit', got {e.optimizer!r}")
     choices = {"init": STARTS, "scaling": SCALINGS, "regulariser": REGULARISER_FORMS, "gamma_decay": GAMMA_DECAYS,
-               "score_state": SCORE_STATES}
+               "score_state": SCORE_STATES, "allocation": ALLOCATIONS}
     for key, allowed in choices.items():
         need(getattr(e, key) in allowed, f"elalora.{key}: one of {', '.join(allowed)}, got {getattr(e, key)!r}"[:300])
     need(e.init != "residual" or m.quantize == "nf4",

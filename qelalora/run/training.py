@@ -137,6 +137,7 @@ def prepare_training(
         fixed_bytes=fixed,
         k=cfg.k,
         r_min=cfg.r_min,
+        per_byte=cfg.allocation == "per-byte",
         beta1=cfg.beta1,
         beta2=cfg.beta2,
         seed=seed,
