@@ -113,9 +113,16 @@ def perbyte():
     return _cells("minilm", methods, [2, 8], [0, 1, 2], split="val")
 
 
+def sweep_lr_smollm2():
+    """The causal LM's base learning rate for both methods (80 steps, validation blocks, seed 0); the 5e-4 cells
+    are the sweep's."""
+    return [c for lr in (1e-3, 2e-3) for c in _cells("smollm2", [("lora", ""), ("elalora", "")], [4], [0], split="val", lr=lr)]
+
+
 def sweep():
     return sweep1() + sweep2() + sweep_smollm2()
 
 
 SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep, "sweep_lr": sweep_lr, "confirm": confirm, "confirm_long": confirm_long,
-          "tight": tight, "perbyte": perbyte}
+          "tight": tight, "perbyte": perbyte,
+          "sweep_lr_smollm2": sweep_lr_smollm2}

@@ -8,8 +8,9 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/` with
 - `manifest.json`: SHA-256 of both files, written last.
 It is written under a temporary name, fsynced, then renamed, so a folder with
 the final name is complete; an old one is renamed away before it is deleted,
-so a kill during the deletion never leaves a half-deleted folder behind; a folder whose checksums do not match is skipped
-(with a message) in favour of the previous good one.
+so a kill during the deletion never leaves a half-deleted folder behind; a
+folder whose checksums do not match is skipped (with a message) in favour of
+the previous good one.
 """
 
 from __future__ import annotations
