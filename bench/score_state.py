@@ -114,7 +114,8 @@ def run(task: str, rank: int, seed: int) -> dict:
         applied = ranks.plan(b)
         for layout, group in shadows.items():
             views = [LayerView(s, l.rank, triplet_scores(sh)) for s, l, sh in zip(ranks.shapes, layers, group)]
-            plan = plan_round(views, b, ranks.k, ranks.r_min, ranks.budget_bytes, ranks.state_cost, ranks.fixed_bytes)
+            plan = plan_round(views, b, ranks.k, ranks.r_min, ranks.budget_bytes, ranks.state_cost, ranks.fixed_bytes,
+                              ranks.max_total_rank, ranks.per_byte)
             (p1, g1), (p2, g2) = _decisions(applied), _decisions(plan)
             compared[layout].append({"step": step, "identical": p1 == p2 and g1 == g2, "prune_jaccard": _jaccard(p1, p2),
                                      "grow_jaccard": _jaccard(g1, g2)})

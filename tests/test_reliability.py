@@ -76,9 +76,55 @@ def test_killed_while_an_old_checkpoint_is_deleted_leaves_no_broken_one(tmp_path
     assert all(ckpt.verify(c) is None for c in ckpt.list_checkpoints(run))
     assert [p.name for p in (run / "checkpoints").glob(".discarded-*")] == [".discarded-step-00000002"]
     monkeypatch.setattr(ckpt.shutil, "rmtree", real)
-    code, _, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
+    code, out, err = run_cli(capsys, "train", "--resume", str(run), "--no-progress")
     assert code == 0, err
+    assert "resumed from step-00000006" in out + err
     assert not list((run / "checkpoints").glob(".discarded-*"))  # the next checkpoint cleared what was left
+
+
+class _Step:
+    """What save_checkpoint reads of a training state, with `collect` stubbed out."""
+
+    def __init__(self, step):
+        self.step = step
+
+
+@pytest.fixture
+def light_checkpoints(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(ckpt, "collect", lambda state, extra, rng: ({"w": torch.full((4,), float(state.step))}, {"step": state.step}))
+    return lambda run, step, keep: ckpt.save_checkpoint(run, _Step(step), {}, [], keep)
+
+
+@pytest.mark.parametrize("keep, left", [(1, ["step-00000005"]), (2, ["step-00000004", "step-00000005"])])
+def test_rotation_keeps_the_newest_up_to_the_step_written(tmp_path, light_checkpoints, keep, left):
+    """After a resume from step 4 (step 6 was damaged), writing step 5 removes step 6 and never step 5 itself."""
+    for step in (4, 6):
+        light_checkpoints(tmp_path, step, 3)
+    (tmp_path / "checkpoints" / "step-00000006" / ckpt.TENSORS).write_bytes(b"damaged")
+    light_checkpoints(tmp_path, 5, keep)
+    assert [c.name for c in ckpt.list_checkpoints(tmp_path)] == left
+    assert all(ckpt.verify(c) is None for c in ckpt.list_checkpoints(tmp_path))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == left  # nothing else left behind
+
+
+def test_saving_a_step_again_replaces_it_only_once_the_new_one_is_in_place(tmp_path, light_checkpoints, monkeypatch):
+    light_checkpoints(tmp_path, 4, 1)
+    light_checkpoints(tmp_path, 4, 1)  # a stop on a checkpoint step saves twice
+    assert [c.name for c in ckpt.list_checkpoints(tmp_path)] == ["step-00000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004"]
+    real = ckpt.os.replace
+
+    def failing_move(src, dst):
+        if Path(src).name.startswith(".partial-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", failing_move)
+    with pytest.raises(ckpt.CheckpointWriteError, match="the previous checkpoint step-00000004 is intact"):
+        light_checkpoints(tmp_path, 4, 1)
+    assert ckpt.verify(tmp_path / "checkpoints" / "step-00000004") is None  # the old one went back
 
 
 def test_output_folder_not_writable(capsys, tmp_path, bert_recipe):

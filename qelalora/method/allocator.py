@@ -145,8 +145,9 @@ def plan_round(
     shapes = [v.shape for v in layers]
     ranks = [v.rank for v in layers]
     plan = RoundPlan(bytes_before=adapter_bytes(shapes, ranks, opt, fixed_bytes))
-    unit = _one_more_triplet_bytes(LayerShape("", 1, 1), 0, opt)  # weights are relative; any common scale will do
-    weights = [unit / _one_more_triplet_bytes(v.shape, max(v.rank - 1, 0), opt) if per_byte else 1.0 for v in layers]
+    # A triplet's bytes are proportional to its elements (a row of A, one E, a column of B) for every optimiser,
+    # up to the 8-bit optimiser's block rounding, which would make alike layers at different ranks disagree.
+    weights = [1.0 / (v.shape.d_in + v.shape.d_out + 1) if per_byte else 1.0 for v in layers]
     pool = _candidate_pool(layers, k, r_min, weights)
     if b <= 0 or not pool:
         plan.bytes_after = plan.bytes_before

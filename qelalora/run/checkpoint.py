@@ -116,6 +116,12 @@ def collect(state: TrainState, extra: dict, rng: list[dict]) -> tuple[dict[str, 
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dict], keep: int = 2) -> Path:
+    """Write the checkpoint of `state.step`, then keep the `keep` newest up to it.
+
+    Checkpoints of later steps belong to a timeline the run resumed away from (a resume starts from the newest
+    intact one, so any later one was damaged) and are removed. A checkpoint of the same step (a stop that lands
+    on a checkpoint step saves twice) is replaced only once the new one is in place.
+    """
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:08d}"
@@ -123,6 +129,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dic
     for stale in [*root.glob(f".partial-{PREFIX}*"), *root.glob(f".discarded-{PREFIX}*")]:  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
+    replaced = None
     try:
         tensors, meta = collect(state, extra, rng)
         save_file(tensors, tmp / TENSORS)
@@ -130,28 +137,36 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dic
         _fsync(tmp / TENSORS)
         write_json_atomic(tmp / MANIFEST, {"step": state.step, TENSORS: _sha256(tmp / TENSORS), STATE: _sha256(tmp / STATE)})
         if final.exists():
-            _discard(final)
+            replaced = _rename_away(final)
         os.replace(tmp, final)
         _fsync(root)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if replaced is not None and not final.exists():
+            os.replace(replaced, final)  # the new one could not take its place: the old one goes back
         previous = [p.name for p in list_checkpoints(run_dir)]
         kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"could not write checkpoint {final.name} ({err.strerror or err}); {kept}") from err
-    for old in sorted(list_checkpoints(run_dir))[:-keep]:
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    existing = list_checkpoints(run_dir)
+    later = [c for c in existing if c.name > final.name]
+    earlier = [c for c in existing if c.name < final.name]
+    for old in later + earlier[: max(0, len(earlier) - (keep - 1))]:
         try:
-            _discard(old)
+            shutil.rmtree(_rename_away(old), ignore_errors=True)
         except OSError:  # an old checkpoint that cannot be removed costs disk space, not the run
             continue
     return final
 
 
-def _discard(checkpoint: Path) -> None:
-    """Delete a checkpoint folder: one atomic rename out of the checkpoints' names first, then the files."""
+def _rename_away(checkpoint: Path) -> Path:
+    """Move a checkpoint folder out of the checkpoints' names in one atomic rename (so that deleting it, which a
+    kill may interrupt, can never leave a damaged `step-*` folder); returns where it went."""
     doomed = checkpoint.with_name(f".discarded-{checkpoint.name}")
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(checkpoint, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
