@@ -163,13 +163,14 @@ def plan(
 
     _quiet_libraries()
     loaded = load_recipe(recipe, _overrides(set_, budget_mb, model=model))
-    result = memory_plan(loaded)
-    gpu = gpu_fit(loaded, gpu_gb) if gpu_gb else None
     measured = None
     if measure:
         from .run.measure import measure as run_measure
 
-        measured = run_measure(loaded, plan=result)
+        result, measured = run_measure(loaded)  # the run that measures makes the plan, as `train` does
+    else:
+        result = memory_plan(loaded)
+    gpu = gpu_fit(loaded, gpu_gb) if gpu_gb else None
     if as_json:
         extra = {**({"gpu": gpu} if gpu else {}), **({"measured": measured} if measured else {})}
         typer.echo(json.dumps({**result.to_dict(), **extra}, indent=2))

@@ -31,6 +31,7 @@ DQ_BLOCK = 256  # double quantisation: the fp32 absmax of blocks is itself quant
 C_HEAP_MMAP_LIMIT = 32 * 2**20  # glibc's mmap threshold rises to at most this: smaller blocks come from its heap
 HEAP_KEPT = 0.7  # freed blocks glibc's heap holds at a step's peak, per byte of live blocks it serves (bench/plan_check.py)
 RUNTIME_BYTES = 64 * 2**20  # code loaded with the model (transformers' model classes, bitsandbytes), data set readers
+PLANNER_BYTES = 67 * 2**20  # what the plan's first trace leaves loaded (PyTorch's fake tensors, symbolic shapes)
 TOKENISER_BYTES_PER_TOKEN = 600  # a loaded fast tokeniser (vocabulary and merges): 14-31 MiB at 30-49k, ~150 MiB at 262k
 
 
@@ -87,7 +88,7 @@ def largest_dequantized_bytes(model: nn.Module, quantize: str, skip: tuple[str, 
 
 def process_bytes(fp: Footprint, traced, vocab_size: int) -> tuple[int, int]:
     """What a CPU process holds at its peak beyond its start: the tensors, the code and tokeniser loaded with the
-    model, and the blocks glibc's heap keeps. glibc maps a block of its own only when it is over its mmap threshold,
+    model and with the plan (a run plans in its own process), and the blocks glibc's heap keeps. glibc maps a block of its own only when it is over its mmap threshold,
     which climbs with every mapped block freed (to 32 MiB at most), so blocks under `C_HEAP_MMAP_LIMIT` are taken
     to come from the heap, which does not hand freed ones back during a step: it
     peaks at (1 + HEAP_KEPT) x the live small blocks (1.5-1.9x measured over nine model / shape pairs,
@@ -95,7 +96,7 @@ def process_bytes(fp: Footprint, traced, vocab_size: int) -> tuple[int, int]:
     activation counts as small. Returns (resident once loaded, peak)."""
     small_step = traced.step_small if traced else fp.activation_bytes
     small_eval = traced.evaluation_small if traced else fp.eval_bytes
-    resident = fp.base_bytes + fp.adapter_bytes + RUNTIME_BYTES + TOKENISER_BYTES_PER_TOKEN * vocab_size
+    resident = fp.base_bytes + fp.adapter_bytes + RUNTIME_BYTES + PLANNER_BYTES + TOKENISER_BYTES_PER_TOKEN * vocab_size
     phases = max(fp.activation_bytes + HEAP_KEPT * small_step, fp.eval_bytes + HEAP_KEPT * small_eval)
     return int(resident), int(resident + phases)
 

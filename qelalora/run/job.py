@@ -121,12 +121,10 @@ class Run:
     plan: MemoryPlan
 
 
-def build_run(recipe: Recipe, log=print, procs: Processes = Processes(), device: str | None = None,
-              plan: MemoryPlan | None = None) -> Run:
-    """Load everything a run needs; `plan` is the recipe's memory plan when the caller already made it."""
+def build_run(recipe: Recipe, log=print, procs: Processes = Processes(), device: str | None = None) -> Run:
     from transformers import AutoTokenizer
 
-    plan = plan if plan is not None else memory_plan(recipe, procs.world)
+    plan = memory_plan(recipe, procs.world)
     log(plan.describe())
     device = device or resolve_device(recipe.train.device)
     torch.manual_seed(recipe.train.seed)
@@ -175,7 +173,7 @@ def _memory_line(fp, measured: int, device: str) -> str:
     if device.startswith("cuda") or fp.process_bytes is None:
         return f"memory: predicted {fmt_mib(fp.total_bytes)}, measured {fmt_mib(measured)} (CUDA max allocated)"
     return (f"memory: predicted {fmt_mib(fp.process_bytes)} for the process ({fmt_mib(fp.total_bytes)} of tensors), "
-            f"measured {fmt_mib(measured)} (peak RSS above the RSS before loading)")
+            f"measured {fmt_mib(measured)} (peak RSS above the RSS before planning and loading)")
 
 
 def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseline_rss: int, loop: dict) -> dict:

@@ -2,7 +2,7 @@
 memory they took beside what the plan predicted.
 
 The plan is computed from the config alone; this is its check on the machine
-at hand. Measured: before loading (the baseline), after the model, data and
+at hand. Measured: before planning and loading (the baseline, as `train` reads it), after the model, data and
 adapters are in place (resident), the peak over loading, over two training
 steps of `train.batch_size` x `data.max_length` tokens (the longest batch the
 run can see), and over one evaluation batch (twice as many rows). On CUDA the figures are
@@ -38,8 +38,9 @@ def predicted_figures(fp: Footprint) -> dict:
             "total": fp.total_bytes, "process_resident": fp.process_resident_bytes, "process_total": fp.process_bytes}
 
 
-def measure(recipe: Recipe, steps: int = 2, plan: MemoryPlan | None = None) -> dict:
-    """Run the recipe's model for `steps` steps in this process; returns predicted and measured bytes.
+def measure(recipe: Recipe, steps: int = 2) -> tuple[MemoryPlan, dict]:
+    """Run the recipe's model for `steps` steps in this process; returns its plan, and predicted and measured bytes.
+    The plan is made after the starting RSS is read, as `train` makes it, so the figures cover the same things.
 
     On a CPU one more step runs under `TensorBytes`, which counts tensors only (what CUDA's figures count), so
     the process's memory can be told apart from its tensors'.
@@ -51,7 +52,7 @@ def measure(recipe: Recipe, steps: int = 2, plan: MemoryPlan | None = None) -> d
     rss.reset()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    run = build_run(recipe, log=lambda *a, **k: None, plan=plan)
+    run = build_run(recipe, log=lambda *a, **k: None)
     gc.collect()
     resident = torch.cuda.memory_allocated() if cuda else current_rss_bytes() - baseline
     load_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
@@ -81,7 +82,7 @@ def measure(recipe: Recipe, steps: int = 2, plan: MemoryPlan | None = None) -> d
     eval_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     fp = run.plan.footprint
     result = {
-        "measured_with": "torch.cuda.max_memory_allocated" if cuda else "RSS above the process before loading",
+        "measured_with": "torch.cuda.max_memory_allocated" if cuda else "RSS above the process before planning and loading",
         "steps": steps,
         "shape": {"batch": t.batch_size, "seq": recipe.data.max_length},
         "predicted": predicted_figures(fp),
@@ -98,7 +99,7 @@ def measure(recipe: Recipe, steps: int = 2, plan: MemoryPlan | None = None) -> d
             evaluation()
         result["tensors"] = {"resident": at_rest, "peak": at_rest + max(counted.peak, counted_eval.peak),
                              "step_peak_above_resident": counted.peak, "eval_peak_above_resident": counted_eval.peak}
-    return result
+    return run.plan, result
 
 
 def describe(result: dict) -> str:
@@ -122,8 +123,8 @@ def describe(result: dict) -> str:
         "" if cuda else f" {'predicted':>9s} {'process':>9s} {'ratio':>7s}")
     notes = [] if cuda else [
         "  tensors: the storages torch allocates (what a GPU's max_memory_allocated counts); process: RSS above the",
-        "  process before loading, which also holds the code and tokeniser loaded with the model and the C heap's",
-        "  freed but kept blocks (glibc keeps a step's freed activation blocks until the step ends).",
+        "  process before planning, which also holds the code and tokeniser loaded with the model and the plan, and",
+        "  the C heap's freed but kept blocks (glibc keeps a step's freed activation blocks until the step ends).",
     ]
     return "\n".join([
         f"Measured ({result['steps']} steps at batch {result['shape']['batch']} x {result['shape']['seq']} tokens"

@@ -88,7 +88,7 @@ class MemoryPlan:
             f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
             f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
             + (f"\n  on this CPU the process should peak near {fmt_mib(fp.process_bytes)} above its start: these tensors, "
-               f"the code and tokeniser loaded with the model, and the freed blocks the C heap keeps during a step"
+               f"the code and tokeniser loaded with the model and the plan, and the freed blocks the C heap keeps during a step"
                if fp.process_bytes else "")
             + ("" if fp.traced else "\n  activations by formula (tracing a step failed): expect them off by up to 1.5x")
             + (f"\n  {self.processes} processes: each holds the base and the adapters, so the budget and every figure "
