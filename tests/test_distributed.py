@@ -20,7 +20,6 @@ from tests.test_resume import _same_adapters, _wait_for_checkpoint
 STEPS = 24
 
 
-
 @pytest.fixture
 def no_dropout_bert(tiny_bert_dir, tmp_path):
     """The tiny BERT with dropout off, so that one process at batch 2b and two at b see the same function."""

@@ -7,6 +7,7 @@ from array import array
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -91,8 +92,6 @@ class _Step:
 
 @pytest.fixture
 def light_checkpoints(monkeypatch):
-    import torch
-
     monkeypatch.setattr(ckpt, "collect", lambda state, extra, rng: ({"w": torch.full((4,), float(state.step))}, {"step": state.step}))
     return lambda run, step, keep: ckpt.save_checkpoint(run, _Step(step), {}, [], keep)
 
