@@ -90,7 +90,8 @@ def confirm_long():
     """The defaults against PEFT LoRA at a longer horizon (about 3 epochs on MiniLM, like the paper's)."""
     pair = [("elalora", ""), ("lora", "eqbytes")]
     cells = _cells("minilm", pair, [2, 8], [0, 1], steps=2000) + _cells("smollm2", pair, [4], [0, 1], steps=300)
-    return cells + _cells("smollm2", [("fixed", "")], [4], [0, 1], steps=300)  # is SmolLM2's lead the rounds' or the start's?
+    cells += _cells("smollm2", [("fixed", "")], [4], [0, 1], steps=300)  # is SmolLM2's lead the rounds' or the start's?
+    return cells + _cells("minilm", [("fixed", "")], [2], [0, 1], steps=2000)  # is the r = 2 loss the rounds' or the start's?
 
 
 def sweep_lr():
