@@ -3,7 +3,8 @@
 Each adapted layer starts with A, E, B from the top-r SVD of its (dequantised
 NF4) base weight, s B diag(E) A = U_r S_r V_r^T, and a frozen copy of that
 product is subtracted in the forward pass, so the model at step 0 is the NF4
-base (PiSSA's training dynamics without re-quantising a residual base).
+base (PiSSA's training dynamics without re-quantising a residual base; all of
+S sits in E here, where PiSSA splits sqrt(S) between A and B).
 Rank rounds are off (`fixed`), so no triplet is pruned. MiniLM, validation split.
 
     python bench/probe_principal.py --rank 2 --seed 0 [--lr 3e-4]
@@ -62,7 +63,7 @@ def main() -> None:
     quality.ElaLoRAMethod.__init__ = patched
     cell = quality.Cell("minilm", "fixed", args.rank, args.seed, split="val", lr=args.lr)
     result = quality.run_cell(cell, args.threads)
-    result["probe"] = "principal-offset"
+    result.update(key=f"{cell.key}/principal", start="principal-offset")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a", encoding="utf-8") as f:
         f.write(json.dumps(result) + "\n")
