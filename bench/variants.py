@@ -122,6 +122,12 @@ def perbyte_long():
     return _cells("minilm", methods, [2], [0, 1], steps=2000)
 
 
+def rank_smollm2():
+    """Does the causal LM's perplexity depend on rank? PEFT LoRA at r = 1 and 16 beside the sweep's r = 4
+    (80 steps, validation blocks, seed 0)."""
+    return _cells("smollm2", [("lora", "")], [1, 16], [0], split="val")
+
+
 def sweep_lr_smollm2():
     """The causal LM's base learning rate for both methods (80 steps, validation blocks, seed 0); the 5e-4 cells
     are the sweep's."""
@@ -133,5 +139,5 @@ def sweep():
 
 
 SUITES = {"diagnose": diagnose, "sweep1": sweep1, "sweep2": sweep2, "sweep": sweep, "sweep_lr": sweep_lr, "confirm": confirm, "confirm_long": confirm_long,
-          "tight": tight, "perbyte": perbyte, "perbyte_long": perbyte_long,
+          "tight": tight, "perbyte": perbyte, "perbyte_long": perbyte_long, "rank_smollm2": rank_smollm2,
           "sweep_lr_smollm2": sweep_lr_smollm2}
