@@ -91,9 +91,9 @@ def process_bytes(fp: Footprint, traced, vocab_size: int) -> tuple[int, int]:
     model and with the plan (a run plans in its own process), and the blocks glibc's heap keeps. glibc maps a
     block of its own only when it is over its mmap threshold, which climbs with every mapped block freed (to
     32 MiB at most), so blocks under `C_HEAP_MMAP_LIMIT` are taken to come from the heap, which does not hand
-    freed ones back during a step: it peaks at (1 + HEAP_KEPT) x the live small blocks (1.5-1.9x measured over nine model / shape pairs,
-    bench/plan_check.py). Evaluation runs after `release_free_heap`. Without a trace (`traced` None) every
-    activation counts as small. Returns (resident once loaded, peak)."""
+    freed ones back during a step: it peaks at (1 + HEAP_KEPT) x the live small blocks (1.5-1.9x measured over
+    nine model / shape pairs, bench/plan_check.py). Evaluation runs after `release_free_heap`. Without a trace
+    (`traced` None) every activation counts as small. Returns (resident once loaded, peak)."""
     small_step = traced.step_small if traced else fp.activation_bytes
     small_eval = traced.evaluation_small if traced else fp.eval_bytes
     resident = fp.base_bytes + fp.adapter_bytes + RUNTIME_BYTES + PLANNER_BYTES + TOKENISER_BYTES_PER_TOKEN * vocab_size
