@@ -27,6 +27,7 @@ at rank r). `split` says which held-out split is scored: settings are chosen on
     python bench/quality.py --suite confirm      # the chosen defaults on the test split, 3 seeds
     python bench/quality.py --report             # tables and pictures from the results
     python bench/quality.py --cell '{"task": "minilm", "method": "elalora", "rank": 2, "seed": 0}'
+    nice -n 19 python bench/quality.py --suite rank_de --jobs 1 --threads 1   # rank curves (bench/rank_tasks.py)
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ TASKS = {
     "smollm2": dict(recipe="smollm2-135m-python-docs", steps=80, batch=4, lr=5e-4, warmup=0.05,
                     t_init=0.15, t_final=0.3, delta=4, b0=12, eval_batch=8, metric="perplexity",
                     data={"test_size": 100, "val_size": 100, "max_train_examples": 2000}),
+    # Rank-sensitivity candidates (bench/rank_tasks.py; issue #25): a small-data regime of the MiniLM task
+    # (the same validation and test snippets, 200 training snippets, 12 epochs) and SmolLM2 on German man pages.
+    "minilm200": dict(recipe="minilm-l6-rotten-tomatoes", steps=150, batch=16, lr=1e-3, warmup=0.06,
+                      t_init=0.15, t_final=0.3, delta=5, b0=4, eval_batch=64, metric="accuracy",
+                      data={"test_size": 2000, "val_size": 1000, "max_train_examples": 200}),
+    "smollm2_de": dict(recipe="smollm2-135m-python-docs", steps=80, batch=4, lr=1e-3, warmup=0.05,
+                       t_init=0.15, t_final=0.3, delta=4, b0=12, eval_batch=8, metric="perplexity", prepare="manpages_de",
+                       data={"max_length": 128, "test_size": 200, "val_size": 200, "max_train_examples": 2000}),
 }
 METHODS = ("elalora", "fixed", "lora", "adalora")
 ABLATIONS = ("elalora-reset-moments", "elalora-const-lr", "elalora-rank-budget")
@@ -111,9 +120,10 @@ def original_suite() -> list[Cell]:
 def suite(name: str) -> list[Cell]:
     if name == "original":
         return original_suite()
+    from rank_tasks import RANK_SUITES
     from variants import SUITES
 
-    return SUITES[name]()
+    return {**SUITES, **RANK_SUITES}[name]()
 
 
 # ---------------------------------------------------------------- one cell (runs in a worker process)
@@ -129,7 +139,8 @@ def _load_data(cell: Cell, recipe, tokenizer, spec):
     import numpy as np
 
     d = recipe.data
-    cache = RESULTS.parent / "out" / "cache" / f"{cell.task}-{d.max_length}-{d.val_size}-{d.test_size}-{d.max_train_examples}.npz"
+    source = f"-{Path(d.source).stem}" if "/" in str(d.source) else ""  # a built data file's name carries its version
+    cache = RESULTS.parent / "out" / "cache" / f"{cell.task}{source}-{d.max_length}-{d.val_size}-{d.test_size}-{d.max_train_examples}.npz"
     if not cache.exists():
         data = load_task_data(recipe.data, spec.task, tokenizer)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -394,6 +405,10 @@ def run_cell(cell: Cell, threads: int) -> dict:
     if cell.steps:  # a longer or shorter run keeps the number of rank rounds: the interval scales with it
         t["delta"] = max(1, round(t["delta"] * cell.steps / t["steps"]))
     t.update({k: v for k, v in (("steps", cell.steps), ("lr", cell.lr)) if v})
+    if "prepare" in t:  # a task whose data file is built on this machine (bench/rank_tasks.py)
+        from rank_tasks import PREPARE
+
+        t["data"] = {**t["data"], "source": str(PREPARE[t["prepare"]]())}
     overrides = [f"data.{k}={v}" for k, v in t["data"].items()] + [f"train.batch_size={t['batch']}"]
     recipe = load_recipe(t["recipe"], overrides)
     name = embedded.resolve_model(recipe.model.name)
@@ -477,10 +492,10 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_suite(name: str, out: Path, jobs: int, only: str | None) -> None:
+def run_suite(name: str, out: Path, jobs: int, only: str | None, threads: int | None = None) -> None:
     done = {r["key"] for r in read_results(out) if "error" not in r}
     todo = [c for c in suite(name) if c.key not in done and (only is None or c.task == only)]
-    threads = max(1, (os.cpu_count() or 2) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 2) // jobs)
     print(f"{len(todo)} cells to run ({len(done)} already in {out}), {jobs} at a time, {threads} thread(s) each", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -515,18 +530,18 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(TASKS), help="run only this task's cells")
     parser.add_argument("--report", action="store_true", help="write tables and pictures from the results")
     parser.add_argument("--cell", help="run one cell (JSON) and print its result")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="threads per cell (default: 2 for --cell, cpu_count/jobs for a suite)")
     args = parser.parse_args()
     if args.out is None:
         args.out = RESULTS / ("quality.jsonl" if args.suite == "original" else f"{args.suite}.jsonl")
     if args.cell:
-        print(json.dumps(run_cell(Cell(**json.loads(args.cell)), args.threads)))
+        print(json.dumps(run_cell(Cell(**json.loads(args.cell)), args.threads or 2)))
     elif args.report:
         from quality_report import write_method_report, write_report
 
         write_report(read_results(args.out), args.out.parent) if args.suite == "original" else write_method_report(args.suite)
     else:
-        run_suite(args.suite, args.out, args.jobs, args.only)
+        run_suite(args.suite, args.out, args.jobs, args.only, args.threads)
 
 
 if __name__ == "__main__":
