@@ -21,8 +21,11 @@ import torch
 from qelalora.run.checkpoint import write_json_atomic
 from qelalora.errors import RunDirError, UserError
 
-from . import genai, graphs, parity
-from .modules import branch_matrices, merge_model, nf4_adapter_model
+from qelalora.base.footprint import release_free_heap
+
+from . import genai, graphs, parity, streamed
+from .graph_files import unreferenced_files, write_graph
+from .modules import branch_matrices, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
 from .runtime import SUMMARY, open_export
 from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
@@ -77,38 +80,49 @@ def _calibration_rows(run: TrainedRun) -> list[list[int]]:
 
 def _build_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, quant: WeightOnly) -> WeightOnly | None:
     """Write the format's graph into `folder`; for the weight-only formats, return the settings applied."""
-    model = copy.deepcopy(run.model)
     causal = run.task == "causal-lm"
-    if fmt == "swappable":
-        if run.recipe.model.quantize != "nf4":
-            raise UserError("swappable needs a run trained over an NF4 base")
-        adapted = nf4_adapter_model(model, adapter_as_input=True)
-        rank_one = [t for layer in run.layers.values() for t in (torch.randn(1, layer.in_features), torch.randn(layer.out_features, 1))]
-        graphs.trace_logits_graph(model, folder / "model.onnx", example, adapted, rank_one, causal=causal, heads=_heads(run))
-        write_adapter_file(run, folder / ADAPTER_FILE)
+    if fmt in ("swappable", "nf4-adapters"):
+        _build_nf4_graph(run, fmt, folder, example, causal)
         return None
-    if fmt == "nf4-adapters":
-        if run.recipe.model.quantize != "nf4":
-            raise UserError("nf4-adapters needs a run trained over an NF4 base; use merged-fp32")
-        nf4_adapter_model(model)
-    else:
-        merge_model(model)
-    if causal:
-        graphs.export_decoder_with_cache(model, folder)
-    else:
-        graphs.trace_logits_graph(model, folder / "model.onnx", example)
+    # merged formats: traced with placeholders, then filled one layer at a time; this consumes run.model
+    sources = streamed.insert_placeholders(run.model, causal)
+    bits, options = streamed.bits_and_options(fmt, quant, run.task, sources)
+    graph = folder / "model.onnx"
+    checks = graphs.export_decoder_with_cache(run.model, folder, defer_checks=True) if causal else []
+    if not causal:
+        graphs.trace_logits_graph(run.model, graph, example)
+    applied = streamed.fill_placeholders(graph, sources, bits, options)
+    release_free_heap()
+    for check in checks:
+        check()
     if fmt == "merged-fp16":
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        converted = convert_float_to_float16(onnx.load(str(folder / "model.onnx")), keep_io_types=True)
-        onnx.save(converted, str(folder / "model.onnx"))
+        write_graph(convert_float_to_float16(onnx.load(str(graph)), keep_io_types=True), graph)
     elif fmt == "merged-int8-dynamic":
-        quantise_dynamic_int8(folder / "model.onnx")
-    elif fmt in ("merged-int4", "merged-int8"):
-        rows = _calibration_rows(run) if quant.algo == "gptq" else None
-        return quantise_weights(folder / "model.onnx", 4 if fmt == "merged-int4" else 8, quant, rows, run.task)
-    return None
+        quantise_dynamic_int8(graph)
+    elif quant.algo == "gptq" and fmt in ("merged-int4", "merged-int8"):  # calibrated on the whole graph
+        applied = quantise_weights(graph, 4 if fmt == "merged-int4" else 8, quant, _calibration_rows(run), run.task)
+    return applied
+
+
+def _build_nf4_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, causal: bool) -> None:
+    """The formats that keep the exact NF4 bytes (MatMulBnb4), with the adapters as branches or graph inputs."""
+    model = copy.deepcopy(run.model)
+    if run.recipe.model.quantize != "nf4":
+        raise UserError(f"{fmt} needs a run trained over an NF4 base" + ("; use merged-fp32" if fmt == "nf4-adapters" else ""))
+    if fmt == "swappable":
+        adapted = nf4_adapter_model(model, adapter_as_input=True)
+        rank_one = [t for layer in run.layers.values() for t in (torch.randn(1, layer.in_features), torch.randn(layer.out_features, 1))]
+        graphs.trace_logits_graph(model, folder / "model.onnx", example, adapted, rank_one, causal=causal, heads=_heads(run))
+        write_adapter_file(run, folder / ADAPTER_FILE)
+        return
+    nf4_adapter_model(model)
+    if causal:
+        graphs.export_decoder_with_cache(model, folder)
+    else:
+        graphs.trace_logits_graph(model, folder / "model.onnx", example)
 
 
 def _sizes(folder: Path) -> dict[str, int]:
@@ -168,6 +182,9 @@ def export_run(
             "weight_only": applied.to_dict(4 if fmt == "merged-int4" else 8) if applied else None,
             "run_dir": str(run_dir),
         }
+        orphans = unreferenced_files(tmp)
+        if orphans:  # a data file no graph references would be copied to the device for nothing
+            raise RuntimeError(f"export left data files that no graph references: {[p.name for p in orphans]}")
         write_json_atomic(tmp / SUMMARY, info)
         checked = f"genai-{genai_precision}" if fmt == "genai" else fmt
         result = parity.check(open_export(tmp), ref, checked, examples[:metric_examples])
@@ -176,7 +193,7 @@ def export_run(
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"exported {fmt} to {out_dir}: {sum(info['files'].values()) / 2**20:.2f} MiB; max |logit diff| "
+    log(f"exported {fmt} to {out_dir}: {sum(_sizes(out_dir).values()) / 2**20:.2f} MiB; max |logit diff| "
         f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))

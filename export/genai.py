@@ -29,6 +29,7 @@ from pathlib import Path
 from qelalora.errors import UserError
 
 from .modules import merge_model
+from .graph_files import unreferenced_files
 from .quantise import WeightOnly, quantise_weights
 
 PRECISIONS = ("int4-mixed", "int4", "fp32", "fp16")
@@ -75,5 +76,5 @@ def build(run, folder: Path, precision: str, config) -> None:
     if precision == "int4-mixed":
         graph = folder / "model.onnx"
         quantise_weights(graph, 4, WeightOnly(int8_layers=GENAI_INT8_LAYERS, head="int8", embeddings=False), task="causal-lm")
-        for data in folder.glob("model.onnx.data"):  # the fp32 weights, now inside the quantised graph
+        for data in unreferenced_files(folder):  # the builder's fp32 weights (`model.onnx.data`), now requantised
             data.unlink()

@@ -139,11 +139,28 @@ def _add_defaults(path: Path, names: list[str], branches: list[torch.Tensor], he
     onnx.save(model, str(path))
 
 
-def export_decoder_with_cache(model: nn.Module, out_dir: Path) -> None:
-    """Llama-family decoder with KV cache, in optimum's ORTModelForCausalLM layout."""
-    from optimum.exporters.onnx import onnx_export_from_model
+def export_decoder_with_cache(model: nn.Module, out_dir: Path, defer_checks: bool = False) -> list:
+    """Llama-family decoder with KV cache, in optimum's ORTModelForCausalLM layout.
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        onnx_export_from_model(model, out_dir, task="text-generation-with-past", opset=OPSET, do_validation=False,
-                               no_post_process=True)
+    optimum opens the traced graph in ONNX Runtime at once to fix the names of its output axes. A graph traced
+    with placeholders (`streamed`) cannot run until its weights are in, so with `defer_checks` that step is
+    returned, to be called on the finished graph, instead of run."""
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.exporters.onnx.base import OnnxConfig
+
+    deferred: list = []
+    original = OnnxConfig.fix_dynamic_axes
+
+    def defer(config, model_path, *args, **kwargs):
+        deferred.append(lambda: original(config, model_path, *args, **kwargs))
+
+    if defer_checks:
+        OnnxConfig.fix_dynamic_axes = defer
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            onnx_export_from_model(model, out_dir, task="text-generation-with-past", opset=OPSET, do_validation=False,
+                                   no_post_process=True)
+    finally:
+        OnnxConfig.fix_dynamic_axes = original
+    return deferred

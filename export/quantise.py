@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .graph_files import write_graph
+
 INT4_ALGOS = ("rtn", "hqq", "k-quant", "gptq")
 HEADS = ("same", "int8", "float")  # the output projection: quantised like the rest, 8-bit (RTN), or left in float
 CALIBRATION_EXAMPLES = 16
@@ -39,8 +41,8 @@ class WeightOnly:
     # MiniLM within 0.25 points (BENCHMARKS.md). None: ONNX Runtime's default (fp32 compute).
     accuracy_level: int | None = 4
     head: str | None = None  # the output projection (LM head / classifier): one of HEADS
-    # int4 RTN only: the embedding table's Gather becomes a 4-bit GatherBlockQuantized (SmolLM2: file 191.5 ->
-    # 100.8 MiB, perplexity +1.1%; ONNX Runtime has no 8-bit form of it)
+    # int4 RTN: the embedding table's Gather becomes a 4-bit GatherBlockQuantized (SmolLM2: file 191.5 -> 100.8 MiB,
+    # perplexity +1.1%); merged-int8 keeps its table at 8 bits (GatherBlockQuantized, bits=8) unless this is False
     embeddings: bool | None = None
     # int4 only: layers kept at 8 bits (RTN), by name as it appears in the graph's node paths ("down_proj",
     # "v_proj", "lm_head"; BERT: "value", "output"): a mixed file, for the layers int4 hurts most
@@ -74,14 +76,14 @@ class WeightOnly:
                             "every MatMul whatever is excluded")
         if self.embeddings and (fmt != "merged-int4" or self.algo != "rtn"):
             raise UserError("--int4-embeddings applies to merged-int4 with --int4-algo rtn (ONNX Runtime quantises a "
-                            "Gather to 4 bits only, with round-to-nearest)")
+                            "Gather to 4 bits only with round-to-nearest; merged-int8 always keeps its table at 8 bits)")
         if self.int8_layers and (fmt != "merged-int4" or self.algo == "gptq"):
             raise UserError("--int8-layers applies to merged-int4 with --int4-algo rtn, hqq or k-quant (ONNX Runtime's "
                             "GPTQ path quantises every MatMul whatever is excluded)")
 
     def to_dict(self, bits: int) -> dict:
         return {"bits": bits, "algo": self.algo, "block_size": self.block_size, "symmetric": self.symmetric,
-                "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": bool(self.embeddings) and bits == 4,
+                "accuracy_level": self.accuracy_level, "head": self.head, "embeddings": bool(self.embeddings),
                 "int8_layers": list(self.int8_layers or ()) if bits == 4 else []}
 
 
@@ -193,15 +195,18 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
                                                    accuracy_level=options.accuracy_level, algo_config=config8,
                                                    nodes_to_exclude=keep_float)
             quantizer.process()
-    quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+    write_graph(quantizer.model.model, path)
     return options
 
 
 def quantise_dynamic_int8(path: Path) -> None:
     """int8 weights with activations quantised at run time (per-tensor scales): `merged-int8-dynamic`."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_suffix(".int8.onnx")
     with _QuietRootLogger():
-        quantize_dynamic(path, tmp, weight_type=QuantType.QInt8)
-    tmp.replace(path)
+        quantize_dynamic(path, tmp, weight_type=QuantType.QInt8, use_external_data_format=True)
+    write_graph(onnx.load(str(tmp)), path)
+    for leftover in tmp.parent.glob(tmp.name + "*"):
+        leftover.unlink()

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..method.layer import ElaLoRALinear
+from .checkpoint_reads import checkpoint_mapped, one_tensor_at_a_time
 from .footprint import release_free_heap
 
 
@@ -293,16 +294,18 @@ def load_base_model(
         kwargs["device_map"] = {"": device}
     elif quantize != "none":
         raise ModelError(f"quantize must be 'nf4' or 'none', got {quantize!r}")
-    if spec.task == "seq-cls":
-        # a checkpoint whose head has another number of classes gets a fresh head of the right size
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels or 2,
-                                                                   ignore_mismatched_sizes=True, **kwargs)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    with one_tensor_at_a_time():
+        if spec.task == "seq-cls":
+            # a checkpoint whose head has another number of classes gets a fresh head of the right size
+            model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=num_labels or 2,
+                                                                       ignore_mismatched_sizes=True, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     if quantize == "none":
         model.to(device)
     if device == "cpu":
-        own_weights(model)
+        if checkpoint_mapped():  # a checkpoint read another way (not safetensors)
+            own_weights(model)
         release_free_heap()
     keep_nf4_layout(model)
     freeze_all(model)

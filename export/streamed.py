@@ -1,0 +1,411 @@
+"""Merged graphs built one layer at a time, so an export never holds the model in fp32.
+
+Tracing a merged model needs every weight in fp32 at once (a 1B model's 4 GiB,
+then copies of it in the exporter and the quantiser). Here the graph is traced
+without its large weights instead: every linear (adapted, NF4 or the output
+projection) and the input embedding table become placeholder nodes that carry
+only their shapes. Then each placeholder is replaced in graph order by the
+format's nodes: the layer's merged weight (dequantised NF4 + s B diag(E) A) is
+made, written to the graph's data file in fp32, or quantised by ONNX Runtime's
+own quantiser (in column slices, which round-to-nearest, HQQ and k-quant treat
+independently), and the layer's tensors are let go. The peak is the NF4 model
+plus one layer's weights.
+
+The weights are appended to the graph's data file as they are made; a graph
+whose weights fit `graph_files.INLINE_LIMIT` is written as one file at the end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from qelalora.errors import UserError
+from qelalora.method.layer import ElaLoRALinear, dequantized_base_weight
+
+from .graph_files import SMALL_TENSOR, write_graph
+from .quantise import WeightOnly, _QuietRootLogger
+
+DOMAIN = "qelalora.placeholder"
+SLICE_BYTES = 64 * 2**20  # fp32 bytes of one weight slice handed to the quantiser at a time
+
+
+class _LinearNode(torch.autograd.Function):
+    """A placeholder for y = x W^T + b: zeros of the right shape in PyTorch, one node in the graph."""
+
+    @staticmethod
+    def forward(ctx, x, index, out_features):
+        return x.new_zeros(*x.shape[:-1], out_features)
+
+    @staticmethod
+    def symbolic(g, x, index, out_features):
+        y = g.op(f"{DOMAIN}::Linear", x, index_i=index)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:
+            y.setType(x.type().with_sizes(list(sizes[:-1]) + [out_features]))
+        return y
+
+
+class _EmbeddingNode(torch.autograd.Function):
+    """A placeholder for a lookup in an embedding table."""
+
+    @staticmethod
+    def forward(ctx, ids, index, dim):
+        return torch.zeros(*ids.shape, dim, dtype=torch.float32)
+
+    @staticmethod
+    def symbolic(g, ids, index, dim):
+        y = g.op(f"{DOMAIN}::Embedding", ids, index_i=index)
+        sizes = ids.type().varyingSizes()
+        if sizes is not None:
+            y.setType(ids.type().with_dtype(torch.float32).with_sizes(list(sizes) + [dim]))
+        return y
+
+
+class _Linear(nn.Module):
+    def __init__(self, index: int, out_features: int):
+        super().__init__()
+        self.index, self.out_features = index, out_features
+
+    def forward(self, x):
+        return _LinearNode.apply(x, self.index, self.out_features)
+
+
+class _Embedding(nn.Module):
+    """Keeps the multiplier of embeddings that scale their lookups (Gemma's `embed_scale`)."""
+
+    def __init__(self, index: int, dim: int, scale: torch.Tensor | None):
+        super().__init__()
+        self.index, self.dim, self.scale = index, dim, scale
+
+    def forward(self, ids):
+        y = _EmbeddingNode.apply(ids, self.index, self.dim)
+        return y if self.scale is None else y * self.scale.float()
+
+
+@dataclass
+class Source:
+    """Where a placeholder's weights come from: the module it stands for, and its path in the model."""
+
+    path: str
+    module: nn.Module
+    kind: str  # "linear" or "embedding"
+
+    def weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fp32 weight [out, in] or table [rows, dim], bias or None): the adapter merged in where there is one."""
+        module = self.module
+        with torch.no_grad():
+            if self.kind == "embedding":
+                return module.weight.detach().float(), None
+            base = module.base if isinstance(module, ElaLoRALinear) else module
+            weight = dequantized_base_weight(base)
+            if isinstance(module, ElaLoRALinear) and module.rank > 0:
+                weight = weight + module.delta_weight().detach()
+            bias = None if base.bias is None else base.bias.detach().float()
+        return weight, bias
+
+
+def _is_streamed_linear(module: nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, (ElaLoRALinear, bnb.nn.Linear4bit))
+
+
+def insert_placeholders(model: nn.Module, causal: bool) -> list[Source]:
+    """In place: adapted and NF4 linears, a decoder's output projection and the input embedding table become
+    placeholders; returns their sources by placeholder index. Other modules (norms, small heads) stay."""
+    sources: list[Source] = []
+    output = model.get_output_embeddings() if causal else None
+    embedding = model.get_input_embeddings()
+    chosen = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p, _ in chosen):
+            continue  # the NF4 base inside an ElaLoRA layer goes with it
+        if _is_streamed_linear(module) or (output is not None and module is output):
+            chosen.append((name, module))
+        elif module is embedding:
+            chosen.append((name, module))
+    for name, module in chosen:
+        index = len(sources)
+        if module is embedding:
+            sources.append(Source(name, module, "embedding"))
+            replacement = _Embedding(index, module.embedding_dim, getattr(module, "embed_scale", None))
+        else:
+            sources.append(Source(name, module, "linear"))
+            out = module.out_features
+            replacement = _Linear(index, out)
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, leaf, replacement)
+    return sources
+
+
+def release(sources: list[Source], done: int, pending: set[int]) -> None:
+    """Let go of source `done`'s tensors, except those a source still pending reads (a tied table)."""
+    kept = {t.untyped_storage().data_ptr() for i in pending for t in sources[i].module.state_dict().values()}
+    for sub in sources[done].module.modules():
+        for tensor in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
+            if tensor.untyped_storage().data_ptr() not in kept:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+
+class DataFile:
+    """The graph's external data: tensors appended as they are made, referenced by offset and length."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        self.file = path.open("wb")
+
+    def externalise(self, tensor) -> None:
+        """Move a TensorProto's bytes (raw_data) to the file, unless it is small."""
+        from onnx import TensorProto, numpy_helper
+        from onnx.external_data_helper import set_external_data
+
+        if not tensor.HasField("raw_data"):
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+        data = tensor.raw_data
+        if len(data) < SMALL_TENSOR:
+            return
+        pad = -self.offset % 4096  # aligned, so that a runtime may map it
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        self.file.write(data)
+        set_external_data(tensor, self.path.name, offset=self.offset, length=len(data))
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        self.offset += len(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _array(name: str, value: np.ndarray):
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.ascontiguousarray(value), name)
+
+
+class _Weights:
+    """The format's nodes for one placeholder: fp32, or weight-only 4/8 bits through ONNX Runtime's quantiser."""
+
+    def __init__(self, bits: int | None, options: WeightOnly | None):
+        self.bits, self.options = bits, options
+
+    def bits_for(self, source: Source, head: bool) -> int | None:
+        """A layer's bits (None: fp32): the head's rule for the output projection, the 8-bit names, the rest."""
+        if self.bits is None:
+            return None
+        o = self.options
+        if head and o.head != "same":
+            return None if o.head == "float" else 8
+        return 8 if path_names(source.path) & set(o.int8_layers or ()) else self.bits
+
+    def linear(self, name: str, x: str, y: str, weight: torch.Tensor, bias, bits: int | None):
+        """Nodes and initializers for y = x W^T (+ b)."""
+        from onnx import helper
+
+        out = y if bias is None else f"{name}/MatMul_output"
+        nodes, inits = [], []
+        if bits is None:
+            inits.append(_array(f"{name}.weight", weight.t().numpy()))
+            nodes.append(helper.make_node("MatMul", [x, inits[-1].name], [out], name=f"{name}/MatMul"))
+        else:
+            node, tensors = self._matmul_nbits(name, x, out, weight, bits)
+            nodes.append(node)
+            inits += tensors
+        if bias is not None:
+            inits.append(_array(f"{name}.bias", bias.numpy()))
+            nodes.append(helper.make_node("Add", [out, inits[-1].name], [y], name=f"{name}/Add"))
+        return nodes, inits
+
+    def _matmul_nbits(self, name: str, x: str, y: str, weight: torch.Tensor, bits: int):
+        """ONNX Runtime's MatMulNBits of W, quantised in slices of output columns (concatenated: B, scales and
+        zero points are laid out one output column after another)."""
+        n, k = weight.shape
+        step = max(1, SLICE_BYTES // (4 * k))
+        parts, node = [], None
+        for start in range(0, n, step):
+            node, tensors = _quantise_slice(weight[start:start + step].t().contiguous().numpy(), bits, self.options)
+            parts.append(tensors)
+        from onnx import numpy_helper
+
+        inputs, inits = [x], []
+        for i, role in enumerate(("B", "scales", "zero_points")):
+            if i + 1 >= len(node.input):
+                break
+            joined = np.concatenate([numpy_helper.to_array(p[node.input[i + 1]]).reshape(-1) for p in parts])
+            shape = list(numpy_helper.to_array(parts[0][node.input[i + 1]]).shape)
+            shape[0] = -1 if len(shape) > 1 else joined.size
+            joined = joined.reshape(shape) if len(shape) > 1 else joined
+            inits.append(_array(f"{name}.{role}", joined))
+            inputs.append(inits[-1].name)
+        attrs = {a.name: a for a in node.attribute}
+        attrs_values = {key: _attr_value(attr) for key, attr in attrs.items()}
+        attrs_values["N"] = n
+        from onnx import helper
+
+        return helper.make_node("MatMulNBits", inputs, [y], name=f"{name}/MatMulNBits", domain="com.microsoft",
+                                **attrs_values), inits
+
+    def embedding(self, name: str, ids: str, y: str, table: torch.Tensor, bits: int | None):
+        """A Gather over the table: fp32, or GatherBlockQuantized at 4 or 8 bits (blocks along each row)."""
+        from onnx import helper
+
+        if bits is None:
+            inits = [_array(f"{name}.weight", table.numpy())]
+            return [helper.make_node("Gather", [inits[0].name, ids], [y], name=f"{name}/Gather")], inits
+        data, scales, zero = _quantise_rows(table, bits, self.options.block_size)
+        inits = [data, _array(f"{name}.scales", scales), zero]
+        data.name, zero.name = f"{name}.weight_q{bits}", f"{name}.zero_points"
+        node = helper.make_node("GatherBlockQuantized", [data.name, ids, inits[1].name, zero.name], [y],
+                                name=f"{name}/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
+                                quantize_axis=1, block_size=self.options.block_size, bits=bits)
+        return [node], inits
+
+
+def _attr_value(attr):
+    from onnx import helper
+
+    return helper.get_attribute_value(attr)
+
+
+def _quantise_slice(weight_t: np.ndarray, bits: int, options: WeightOnly):
+    """MatMulNBits of one [K, n] slice, by ONNX Runtime's quantiser on a one-node graph: (node, {name: tensor})."""
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    k = weight_t.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="m")], "slice",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, weight_t.shape[1]])],
+        initializer=[_array("w", weight_t)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if options.algo == "hqq":
+        config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
+    elif options.algo == "k-quant":
+        config = nbits.KQuantWeightOnlyQuantConfig()
+    else:
+        config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+                                                    accuracy_level=options.accuracy_level, bits=bits)
+    quantizer = nbits.MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size,
+                                           is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
+                                           algo_config=config)
+    with _QuietRootLogger():
+        quantizer.process()
+    out = quantizer.model.model.graph
+    node = next(n for n in out.node if n.op_type == "MatMulNBits")
+    return node, {t.name: t for t in out.initializer}
+
+
+def _quantise_rows(table: torch.Tensor, bits: int, block: int):
+    """Asymmetric round-to-nearest of each row in blocks (GatherBlockQuantized's layout): (data, scales, zero
+    points). 4 bits by ONNX Runtime's own routine; 8 bits (which its quantiser does not offer for a Gather) by
+    the same rule, scale = (max - min) / 255, in row slices."""
+    from onnx import TensorProto, helper
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+    rows, dim = table.shape
+    if dim % block:
+        raise UserError(f"the embedding width {dim} is not a multiple of the block size {block}")
+    step = max(1, SLICE_BYTES // (4 * dim))
+    data, scales, zeros = [], [], []
+    for start in range(0, rows, step):
+        part = table[start:start + step].numpy()
+        if bits == 4:
+            q, s, z = DefaultWeightOnlyQuantizer.quantize_ndarray(part, 1, block, False)
+        else:
+            blocks = part.reshape(part.shape[0], dim // block, block)
+            low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+            s = ((high - low) / 255).astype(np.float32)
+            s[s == 0] = 1.0
+            z = np.clip(np.round(-low / s), 0, 255).astype(np.uint8)
+            q = np.clip(np.round(blocks / s[..., None]) + z[..., None], 0, 255).astype(np.uint8).reshape(part.shape)
+        data.append(np.asarray(q).reshape(-1))
+        scales.append(np.asarray(s, dtype=np.float32).reshape(-1, dim // block))
+        zeros.append(np.asarray(z).reshape(-1))
+    qtype = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
+    data_t = helper.make_tensor("data", qtype, [rows, dim], np.concatenate(data).tobytes(), raw=True)
+    zero_t = helper.make_tensor("zero", qtype, [rows, dim // block], np.concatenate(zeros).tobytes(), raw=True)
+    return data_t, np.concatenate(scales), zero_t
+
+
+def fill_placeholders(path: Path, sources: list[Source], bits: int | None, options: WeightOnly | None) -> WeightOnly | None:
+    """Replace every placeholder node of the graph at `path` by the format's nodes (fp32 when `bits` is None),
+    one source at a time, and write the graph back (its weights external above `INLINE_LIMIT`). Returns the
+    weight-only settings applied (the task's defaults filled in), or None for fp32."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        model = onnx.load(str(path))  # a traced graph over 2 GB (placeholders keep it small, but never assume)
+    head = next((i for i, s in enumerate(sources) if s.kind == "linear" and s.path.split(".")[-1] == "lm_head"), None)
+    weights = _Weights(bits, options)
+    data = DataFile(path.with_name(path.name + "_data"))
+    nodes, pending = [], set(range(len(sources)))
+    try:
+        for tensor in model.graph.initializer:  # the traced graph's own (norms, position tables)
+            data.externalise(tensor)
+        for node in model.graph.node:
+            if node.domain != DOMAIN:
+                nodes.append(node)
+                continue
+            index = next(a.i for a in node.attribute if a.name == "index")
+            if index not in pending:
+                raise RuntimeError(f"{sources[index].path} is called twice in the traced graph; it cannot be streamed")
+            pending.discard(index)
+            source = sources[index]
+            weight, bias = source.weight()
+            name = "/" + source.path.replace(".", "/")
+            if source.kind == "embedding":
+                table_bits = None if bits is None or not options.embeddings else (4 if bits == 4 else 8)
+                new, inits = weights.embedding(name, node.input[0], node.output[0], weight, table_bits)
+            else:
+                new, inits = weights.linear(name, node.input[0], node.output[0], weight, bias,
+                                            weights.bits_for(source, index == head))
+            del weight, bias
+            for tensor in inits:
+                data.externalise(tensor)
+            model.graph.initializer.extend(inits)
+            nodes.extend(new)
+            release(sources, index, pending)
+    finally:
+        data.close()
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    opsets = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(opsets)
+    if bits is not None and not any(o.domain == "com.microsoft" for o in opsets):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    write_graph(model, path, data.path)
+    return options
+
+
+def path_names(path: str) -> set[str]:
+    """The components of a module path ("model.layers.3.mlp.down_proj" -> model, layers, 3, mlp, down_proj)."""
+    return set(path.split("."))
+
+
+def bits_and_options(fmt: str, quant: WeightOnly, task: str, sources: list[Source]) -> tuple[int | None, WeightOnly | None]:
+    """What `fill_placeholders` applies for a merged format: fp32, or weight-only bits with the task's defaults
+    (of the default 8-bit layer names, those this model has; merged-int8's embedding table at 8 bits unless
+    asked otherwise). A name given that matches no layer is an error."""
+    if fmt in ("merged-fp32", "merged-fp16", "merged-int8-dynamic") or quant.algo == "gptq":
+        return None, None
+    bits = 4 if fmt == "merged-int4" else 8
+    given = quant.int8_layers is not None
+    options = quant.for_task(task, bits)
+    if bits == 8 and quant.embeddings is None:
+        options = replace(options, embeddings=True)
+    names = set().union(*(path_names(s.path) for s in sources if s.kind == "linear"))
+    found = tuple(n for n in options.int8_layers if n in names)
+    if given and options.int8_layers and not found:
+        raise UserError(f"--int8-layers {','.join(options.int8_layers)} names no MatMul of this graph; use the "
+                        "names in its node paths, e.g. down_proj, v_proj, lm_head (BERT: value, output)")
+    return bits, replace(options, int8_layers=found if not given else options.int8_layers)
