@@ -32,6 +32,7 @@ C_HEAP_MMAP_LIMIT = 32 * 2**20  # glibc's mmap threshold rises to at most this: 
 HEAP_KEPT = 0.7  # freed blocks glibc's heap holds at a step's peak, per byte of live blocks it serves (bench/plan_check.py)
 RUNTIME_BYTES = 64 * 2**20  # code loaded with the model (transformers' model classes, bitsandbytes), data set readers
 PLANNER_BYTES = 67 * 2**20  # what the plan's first trace leaves loaded (PyTorch's fake tensors, symbolic shapes)
+LOAD_COPIES = 2  # a tensor being loaded exists twice for a moment: the checkpoint's pages and its own copy
 TOKENISER_BYTES_PER_TOKEN = 600  # a loaded fast tokeniser (vocabulary and merges): 14-31 MiB at 30-49k, ~150 MiB at 262k
 
 
@@ -51,13 +52,18 @@ class Footprint:
     traced: bool = False  # activations and evaluation from a traced step (`run.trace`), else from the formula
     process_resident_bytes: int | None = None  # CPU: what the process holds above its start once loaded (`process_bytes`)
     process_bytes: int | None = None  # CPU: the process's expected peak above its start
+    loading_bytes: int = 0  # above the base while loading: the largest tensor read, twice (`loading_bytes`)
+
+    @property
+    def load_peak_bytes(self) -> int:
+        return self.base_bytes + self.loading_bytes
 
     @property
     def total_bytes(self) -> int:
-        return self.base_bytes + self.adapter_bytes + max(self.activation_bytes, self.eval_bytes)
+        return max(self.base_bytes + self.adapter_bytes + max(self.activation_bytes, self.eval_bytes), self.load_peak_bytes)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total_bytes": self.total_bytes}
+        return {**asdict(self), "load_peak_bytes": self.load_peak_bytes, "total_bytes": self.total_bytes}
 
 
 def base_bytes(model: nn.Module, quantize: str, skip: tuple[str, ...], dtype_bytes: int) -> int:
@@ -86,6 +92,13 @@ def largest_dequantized_bytes(model: nn.Module, quantize: str, skip: tuple[str, 
     return max(sizes, default=0) * dtype_bytes
 
 
+def loading_bytes(model: nn.Module, dtype_bytes: int) -> int:
+    """What loading holds above the weights already in place, at its peak: the largest tensor of the checkpoint
+    in the compute dtype, twice (its pages read from the file and the copy it is quantised or kept from). The
+    checkpoint is read one tensor at a time (`checkpoint_reads`), so this is all that remains of its size."""
+    return LOAD_COPIES * max((p.numel() for p in model.parameters()), default=0) * dtype_bytes
+
+
 def process_bytes(fp: Footprint, traced, vocab_size: int) -> tuple[int, int]:
     """What a CPU process holds at its peak beyond its start: the tensors, the code and tokeniser loaded with the
     model and with the plan (a run plans in its own process), and the blocks glibc's heap keeps. glibc maps a
@@ -98,7 +111,8 @@ def process_bytes(fp: Footprint, traced, vocab_size: int) -> tuple[int, int]:
     small_eval = traced.evaluation_small if traced else fp.eval_bytes
     resident = fp.base_bytes + fp.adapter_bytes + RUNTIME_BYTES + PLANNER_BYTES + TOKENISER_BYTES_PER_TOKEN * vocab_size
     phases = max(fp.activation_bytes + HEAP_KEPT * small_step, fp.eval_bytes + HEAP_KEPT * small_eval)
-    return int(resident), int(resident + phases)
+    loading = fp.load_peak_bytes + RUNTIME_BYTES + PLANNER_BYTES  # before the tokeniser and the adapters
+    return int(resident), int(max(resident + phases, loading))
 
 
 def activation_bytes(config, batch: int, seq: int, dtype_bytes: int, causal_lm: bool, checkpointing: bool = False) -> int:

@@ -35,7 +35,8 @@ def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, 
 def predicted_figures(fp: Footprint) -> dict:
     """The plan's figures under the names `measure` reports its measurements."""
     return {"resident": fp.base_bytes + fp.adapter_bytes, "activations": fp.activation_bytes, "evaluation": fp.eval_bytes,
-            "total": fp.total_bytes, "process_resident": fp.process_resident_bytes, "process_total": fp.process_bytes}
+            "load_peak": fp.load_peak_bytes, "total": fp.total_bytes, "process_resident": fp.process_resident_bytes,
+            "process_total": fp.process_bytes}
 
 
 def measure(recipe: Recipe, steps: int = 2) -> tuple[MemoryPlan, dict]:
@@ -131,7 +132,7 @@ def describe(result: dict) -> str:
         f"{'; torch.cuda.max_memory_allocated' if cuda else ''}), MiB:",
         head,
         row("model + adapters (+ data, RSS)", p["resident"], "resident", p.get("process_resident")),
-        *([] if cuda else [f"  {'loading peak':<32s}{mib(None)} {mib(None)} {'':7s} {mib(None)} {mib(m['load_peak'])}"]),
+        *([] if cuda else [f"  {'loading peak':<32s}{mib(p.get('load_peak'))} {mib(None)} {'':7s} {mib(None)} {mib(m['load_peak'])}"]),
         row("steps above that (activations)", p["activations"], "step_peak_above_resident"),
         row("evaluation above that", p["evaluation"] or None, "eval_peak_above_resident"),
         row("peak", p["total"], "peak", p.get("process_total")),

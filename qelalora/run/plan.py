@@ -16,7 +16,7 @@ import torch
 
 from ..base import embedded
 from ..base.footprint import (C_HEAP_MMAP_LIMIT, Footprint, activation_bytes, base_bytes, eval_bytes, fmt_mib,
-                              largest_dequantized_bytes, process_bytes)
+                              largest_dequantized_bytes, loading_bytes, process_bytes)
 from ..base.hub import go_offline_if_unreachable
 from ..base.models import arch_spec, head_modules, head_params, select_targets, target_paths, wrap_linears
 from ..errors import UserError
@@ -84,7 +84,9 @@ class MemoryPlan:
             f"  predicted footprint: base {fmt_mib(fp.base_bytes)} + adapter state {fmt_mib(fp.adapter_bytes)} + "
             f"activations ~{fmt_mib(fp.activation_bytes)} (batch {self.batch} x {self.seq} tokens)"
             + (f", or evaluation ~{fmt_mib(fp.eval_bytes)} (batch {EVAL_BATCH_FACTOR * self.batch})" if fp.eval_bytes else "")
-            + f" = {fmt_mib(fp.total_bytes)}\n"
+            + f" = {fmt_mib(fp.total_bytes)}"
+            + (" (the loading peak: base + its largest tensor read)" if fp.load_peak_bytes == fp.total_bytes else "")
+            + "\n"
             f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
             f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
             + (f"\n  on this CPU the process should peak near {fmt_mib(fp.process_bytes)} above its start: these tensors, "
@@ -173,7 +175,7 @@ def memory_plan(recipe: Recipe, processes: int = 1, device: str | None = None, d
     chosen_trace = traced[checkpointing]
     evaluation = chosen_trace.evaluation if chosen_trace else eval_bytes(config, shape[2], shape[1], spec.task == "causal-lm")
     fp = Footprint(base_bytes=base, adapter_bytes=rp.adapter_bytes, activation_bytes=acts[checkpointing], budget_bytes=e.budget_bytes,
-                   eval_bytes=evaluation, traced=chosen_trace is not None)
+                   eval_bytes=evaluation, traced=chosen_trace is not None, loading_bytes=loading_bytes(model, dtype_bytes))
     if device == "cpu":
         fp.process_resident_bytes, fp.process_bytes = process_bytes(fp, chosen_trace, config.vocab_size)
     chosen = tuple(spec.targets[k] for k in select_targets(spec, recipe.model.targets))
