@@ -492,15 +492,19 @@ def read_results(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_suite(name: str, out: Path, jobs: int, only: str | None, threads: int | None = None) -> None:
+def run_suite(name: str, out: Path, jobs: int, only: str | None, threads: int | None = None,
+              max_cells: int | None = None, stop_at: float | None = None) -> None:
     done = {r["key"] for r in read_results(out) if "error" not in r}
-    todo = [c for c in suite(name) if c.key not in done and (only is None or c.task == only)]
+    todo = [c for c in suite(name) if c.key not in done and (only is None or c.task == only)][:max_cells]
     threads = threads or max(1, (os.cpu_count() or 2) // jobs)
     print(f"{len(todo)} cells to run ({len(done)} already in {out}), {jobs} at a time, {threads} thread(s) each", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
     def work(cell: Cell) -> None:
+        if stop_at is not None and time.time() >= stop_at:
+            print(f"{cell.key}: not started (past --stop-at)", flush=True)
+            return
         t0 = time.time()
         proc = subprocess.run(
             [sys.executable, __file__, "--cell", json.dumps(asdict(cell)), "--threads", str(threads)],
@@ -528,6 +532,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results file (default: bench/results/<suite>.jsonl; quality.jsonl for original)")
     parser.add_argument("--jobs", type=int, default=2, help="cells run at once (each gets cpu_count/jobs threads)")
     parser.add_argument("--only", choices=sorted(TASKS), help="run only this task's cells")
+    parser.add_argument("--max-cells", type=int, help="run at most this many of the suite's unfinished cells, in its order")
+    parser.add_argument("--stop-at", help="HH:MM (this machine's clock): start no cell at or after then")
     parser.add_argument("--report", action="store_true", help="write tables and pictures from the results")
     parser.add_argument("--cell", help="run one cell (JSON) and print its result")
     parser.add_argument("--threads", type=int, help="threads per cell (default: 2 for --cell, cpu_count/jobs for a suite)")
@@ -541,7 +547,15 @@ def main() -> None:
 
         write_report(read_results(args.out), args.out.parent) if args.suite == "original" else write_method_report(args.suite)
     else:
-        run_suite(args.suite, args.out, args.jobs, args.only, args.threads)
+        stop_at = None
+        if args.stop_at:
+            import datetime
+
+            now = datetime.datetime.now()
+            hour, minute = map(int, args.stop_at.split(":"))
+            stop = now.replace(hour=hour, minute=minute, second=0, microsecond=0)
+            stop_at = (stop if stop > now else stop + datetime.timedelta(days=1)).timestamp()
+        run_suite(args.suite, args.out, args.jobs, args.only, args.threads, args.max_cells, stop_at)
 
 
 if __name__ == "__main__":
