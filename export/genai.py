@@ -19,7 +19,6 @@ the transformers that the ONNX exporter needs.
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import subprocess
 import sys
@@ -28,9 +27,10 @@ from pathlib import Path
 
 from qelalora.errors import UserError
 
-from .modules import merge_model
 from .graph_files import unreferenced_files
-from .quantise import WeightOnly, quantise_weights
+from .merged_checkpoint import write_merged_checkpoint
+from .quantise import WeightOnly
+from .streamed import quantise_graph
 
 PRECISIONS = ("int4-mixed", "int4", "fp32", "fp16")
 # the builder fuses q/k/v into one qkv_proj MatMul; v_proj is kept for builders that do not
@@ -58,12 +58,9 @@ def build(run, folder: Path, precision: str, config) -> None:
         # an inserted Cast; onnxruntime-genai issue 2009: the CPU provider has little fp16 support)
         raise UserError("--genai-precision fp16: ONNX Runtime GenAI's fp16 graph does not run on the CPU provider "
                         "(onnxruntime-genai issue 2009); use int4-mixed (the default), int4 or fp32")
-    model = copy.deepcopy(run.model)
-    merge_model(model)
-    model.config = config  # the edge config: no training-time quantisation block
     with tempfile.TemporaryDirectory(prefix="qelalora-genai-") as tmp:
         checkpoint, cache = Path(tmp) / "merged", Path(tmp) / "cache"
-        model.save_pretrained(checkpoint, safe_serialization=True)
+        write_merged_checkpoint(run.model, checkpoint, config)  # layer by layer; consumes run.model
         run.tokenizer.save_pretrained(checkpoint)
         done = subprocess.run(
             [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(folder),
@@ -75,6 +72,6 @@ def build(run, folder: Path, precision: str, config) -> None:
         raise UserError(f"ONNX Runtime GenAI's builder could not build this model: {last[:400]}")
     if precision == "int4-mixed":
         graph = folder / "model.onnx"
-        quantise_weights(graph, 4, WeightOnly(int8_layers=GENAI_INT8_LAYERS, head="int8", embeddings=False), task="causal-lm")
+        quantise_graph(graph, 4, WeightOnly(int8_layers=GENAI_INT8_LAYERS, head="int8", embeddings=False))
         for data in unreferenced_files(folder):  # the builder's fp32 weights (`model.onnx.data`), now requantised
             data.unlink()

@@ -28,7 +28,7 @@ from qelalora.errors import UserError
 from qelalora.method.layer import ElaLoRALinear, dequantized_base_weight
 
 from .graph_files import SMALL_TENSOR, write_graph
-from .quantise import WeightOnly, _QuietRootLogger
+from .quantise import WeightOnly, _QuietRootLogger, named_matmuls, output_projection
 
 DOMAIN = "qelalora.placeholder"
 SLICE_BYTES = 64 * 2**20  # fp32 bytes of one weight slice handed to the quantiser at a time
@@ -109,7 +109,8 @@ class Source:
         return weight, bias
 
 
-def _is_streamed_linear(module: nn.Module) -> bool:
+def is_streamed_linear(module: nn.Module) -> bool:
+    """An adapted or NF4 linear: a layer whose fp32 weight exists only while it is written."""
     import bitsandbytes as bnb
 
     return isinstance(module, (ElaLoRALinear, bnb.nn.Linear4bit))
@@ -125,7 +126,7 @@ def insert_placeholders(model: nn.Module, causal: bool) -> list[Source]:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p, _ in chosen):
             continue  # the NF4 base inside an ElaLoRA layer goes with it
-        if _is_streamed_linear(module) or (output is not None and module is output):
+        if is_streamed_linear(module) or (output is not None and module is output):
             chosen.append((name, module))
         elif module is embedding:
             chosen.append((name, module))
@@ -144,13 +145,18 @@ def insert_placeholders(model: nn.Module, causal: bool) -> list[Source]:
     return sources
 
 
+def release_tensors(module: nn.Module, keep: set[int]) -> None:
+    """Empty every parameter and buffer of `module` whose storage is not in `keep` (data pointers)."""
+    for sub in module.modules():
+        for tensor in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
+            if tensor.untyped_storage().data_ptr() not in keep:
+                tensor.data = torch.empty(0, dtype=tensor.dtype)
+
+
 def release(sources: list[Source], done: int, pending: set[int]) -> None:
     """Let go of source `done`'s tensors, except those a source still pending reads (a tied table)."""
     kept = {t.untyped_storage().data_ptr() for i in pending for t in sources[i].module.state_dict().values()}
-    for sub in sources[done].module.modules():
-        for tensor in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
-            if tensor.untyped_storage().data_ptr() not in kept:
-                tensor.data = torch.empty(0, dtype=tensor.dtype)
+    release_tensors(sources[done].module, kept)
 
 
 class DataFile:
@@ -409,3 +415,76 @@ def bits_and_options(fmt: str, quant: WeightOnly, task: str, sources: list[Sourc
         raise UserError(f"--int8-layers {','.join(options.int8_layers)} names no MatMul of this graph; use the "
                         "names in its node paths, e.g. down_proj, v_proj, lm_head (BERT: value, output)")
     return bits, replace(options, int8_layers=found if not given else options.int8_layers)
+
+
+def quantise_graph(path: Path, bits: int, options: WeightOnly) -> WeightOnly:
+    """Weight-only quantisation of an existing graph's constant MatMuls (`quantise.quantise_weights`' rules:
+    the named 8-bit layers and the head's rule), one weight at a time: each is read alone from the graph's data
+    file, quantised in column slices, and written to the new data file; the rest is copied across. For graphs
+    made by other tools (ONNX Runtime GenAI's builder) whose fp32 weights would not fit in memory twice."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    model = onnx.load(str(path), load_external_data=False)
+    head = output_projection(model)
+    eight = {n for nodes in named_matmuls(model, tuple(options.int8_layers or ())).values() for n in nodes}
+    tensors = {t.name: t for t in model.graph.initializer}
+    uses = {}
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+
+    def loaded(tensor):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(path.parent))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        return tensor
+
+    weights = _Weights(bits, options)
+    new_data = path.with_name(path.name + "_data.partial")
+    data = DataFile(new_data)
+    nodes, initializers = [], []
+    try:
+        for node in model.graph.node:
+            weight = tensors.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+            if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
+                nodes.append(node)
+                continue
+            chosen = None if node.name == head and options.head == "float" else (
+                8 if node.name in eight or (node.name == head and options.head == "int8") else bits)
+            if chosen is None:
+                nodes.append(node)
+                continue
+            matrix = torch.from_numpy(numpy_helper.to_array(loaded(weight))).t()  # [N, K], a view
+            base = node.name.rsplit("/", 1)[0] if node.name else f"/matmul_{len(nodes)}"
+            new, inits = weights.linear(base, node.input[0], node.output[0], matrix, None, chosen)
+            del matrix
+            uses[weight.name] -= 1
+            if not uses[weight.name]:  # a table the lookup shares with a tied head stays for the lookup
+                weight.ClearField("raw_data")
+                tensors.pop(weight.name)
+            for tensor in inits:
+                data.externalise(tensor)
+            initializers += inits
+            nodes.extend(new)
+        for tensor in tensors.values():  # everything else, copied across one tensor at a time
+            data.externalise(loaded(tensor))
+            initializers.append(tensor)
+    finally:
+        data.close()
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    final = path.with_name(path.name + "_data")
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = final.name
+    new_data.replace(final)
+    write_graph(model, path, final)
+    return options
