@@ -151,8 +151,21 @@ def export_run(
     run = load_trained(run_dir)
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     examples = heldout_examples(run, max(parity_examples, metric_examples))
-    ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples],
-                                   run.tokenizer.eos_token_id)
+    with tempfile.TemporaryDirectory(prefix="qelalora-reference-") as reference:
+        ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples],
+                                       run.tokenizer.eos_token_id, Path(reference))
+        info, result = _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant,
+                                       metric_examples, log, genai_precision, started)
+    log(f"exported {fmt} to {out_dir}: {sum(_sizes(out_dir).values()) / 2**20:.2f} MiB; max |logit diff| "
+        f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
+        f"(PyTorch {result['metric_pytorch']:.4g})"
+        + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
+    return info
+
+
+def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant, metric_examples, log,
+                    genai_precision, started) -> tuple[dict, dict]:
+    """Prune, build the format in a temporary folder, check it against the reference, and put it in place."""
     pruned = prune_adapters(run.layers, prune_threshold)
     log(f"pruned: total rank {sum(pruned.ranks_before.values())} -> {sum(pruned.ranks_after.values())}, "
         f"adapter weights {pruned.bytes_before / 1024:.1f} -> {pruned.bytes_after / 1024:.1f} KiB"
@@ -193,11 +206,7 @@ def export_run(
         _publish(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"exported {fmt} to {out_dir}: {sum(_sizes(out_dir).values()) / 2**20:.2f} MiB; max |logit diff| "
-        f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
-        f"(PyTorch {result['metric_pytorch']:.4g})"
-        + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
-    return info
+    return info, result
 
 
 def _publish(tmp: Path, out_dir: Path) -> None:

@@ -9,11 +9,12 @@ Runtime GenAI for `genai` folders).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from qelalora.run.data import collate, evaluate
+from qelalora.run.data import evaluate
 from qelalora.errors import UserError
 
 # Max |logit difference| allowed per format, per unit of the largest |logit| (at least 1): a 30-layer
@@ -33,6 +34,13 @@ THRESHOLDS = {
     "genai-int4-mixed": None,
 }
 GREEDY_TOKENS = 32
+LOGITS_BYTES = 128 * 2**20  # one evaluation batch's fp32 logits at most: a 262k-token vocabulary gets small batches
+
+
+def batch_size(examples: list[dict], vocab: int, most: int = 16) -> int:
+    """Examples per evaluation batch, so that a batch's logits stay under `LOGITS_BYTES` (at least one)."""
+    longest = max((len(e["input_ids"]) for e in examples), default=1)
+    return max(1, min(most, LOGITS_BYTES // (4 * longest * vocab)))
 
 
 class ParityError(UserError):
@@ -43,23 +51,36 @@ class ParityError(UserError):
 
 @dataclass
 class Reference:
-    """What the PyTorch model produced on the held-out inputs."""
+    """What the PyTorch model produced on the held-out inputs. Each row's logits are kept in a file of their
+    own in `folder` (a decoder's are rows x vocabulary: 1 GiB for 8 rows of 128 tokens over 262k), read back
+    one at a time by the check."""
 
     rows: list[list[int]]
-    logits: np.ndarray  # [batch, (seq,) classes or vocab], padded positions zeroed for decoders
-    mask: np.ndarray
+    folder: Path
     metric: dict
+    scale: float  # the largest |logit|
     greedy_prompt: list[int] | None = None
     greedy_tokens: list[int] | None = None
 
+    def logits(self, i: int) -> np.ndarray:
+        return np.load(self.folder / f"{i}.npy")
+
 
 @torch.no_grad()
-def reference_outputs(model, task: str, examples: list[dict], pad_id: int, metric_examples: list[dict], eos_id) -> Reference:
-    batch = collate(examples, pad_id)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float().numpy()
-    mask = batch["attention_mask"].numpy()
-    metric = evaluate(model, metric_examples, task, 16, pad_id, "cpu")
-    ref = Reference([list(e["input_ids"]) for e in examples], out, mask, metric)
+def reference_outputs(model, task: str, examples: list[dict], pad_id: int, metric_examples: list[dict], eos_id,
+                      folder: Path) -> Reference:
+    """The trained model's outputs on the held-out rows (one at a time, kept in `folder`), its task metric and,
+    for decoders, its greedy tokens."""
+    scale = 0.0
+    for i, example in enumerate(examples):
+        ids = torch.tensor([example["input_ids"]])
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float().numpy()
+        scale = max(scale, float(np.abs(out).max()))
+        np.save(folder / f"{i}.npy", out)
+        del out
+    vocab = model.config.vocab_size if task == "causal-lm" else 1
+    metric = evaluate(model, metric_examples, task, batch_size(metric_examples, vocab), pad_id, "cpu")
+    ref = Reference([list(e["input_ids"]) for e in examples], folder, metric, max(1.0, scale))
     if task == "causal-lm":
         prompt = list(examples[0]["input_ids"][:16])
         generated = model.generate(
@@ -72,18 +93,18 @@ def reference_outputs(model, task: str, examples: list[dict], pad_id: int, metri
 
 def check(edge, ref: Reference, fmt: str, metric_examples: list[dict]) -> dict:
     """Compare an EdgeModel with the reference; raises ParityError past the format's threshold."""
-    got = edge.logits(ref.rows)
-    if got.ndim == 3:  # decoders: compare real (unpadded) positions only
-        keep = ref.mask.astype(bool)
-        diff = float(np.abs(got[keep] - ref.logits[keep]).max())
-        agree = float((got[keep].argmax(-1) == ref.logits[keep].argmax(-1)).mean())
-    else:
-        diff = float(np.abs(got - ref.logits).max())
-        agree = float((got.argmax(-1) == ref.logits.argmax(-1)).mean())
-    scale = max(1.0, float(np.abs(ref.logits).max()))
+    diff, agreeing, positions = 0.0, 0, 0
+    for i, row in enumerate(ref.rows):  # one row at a time: unpadded, so every position is compared
+        got, want = edge.logits([row])[0], ref.logits(i)
+        diff = max(diff, float(np.abs(got - want).max()))
+        agreeing += int((got.argmax(-1) == want.argmax(-1)).sum())
+        positions += int(np.prod(want.shape[:-1]))
+    agree = agreeing / max(positions, 1)
+    scale = ref.scale
     result = {"max_abs_logit_diff": diff, "logit_scale": scale, "argmax_agreement": agree, "threshold": THRESHOLDS[fmt],
               "examples": len(ref.rows)}
-    metric = edge.evaluate(metric_examples)
+    vocab = got.shape[-1] if got.ndim == 2 else 1
+    metric = edge.evaluate(metric_examples, batch_size(metric_examples, vocab))
     key = "accuracy" if "accuracy" in metric else "perplexity"
     result.update({"metric": key, "metric_pytorch": ref.metric[key], "metric_onnx": metric[key],
                    "metric_delta": metric[key] - ref.metric[key]})

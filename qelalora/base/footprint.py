@@ -32,7 +32,7 @@ C_HEAP_MMAP_LIMIT = 32 * 2**20  # glibc's mmap threshold rises to at most this: 
 HEAP_KEPT = 0.7  # freed blocks glibc's heap holds at a step's peak, per byte of live blocks it serves (bench/plan_check.py)
 RUNTIME_BYTES = 64 * 2**20  # code loaded with the model (transformers' model classes, bitsandbytes), data set readers
 PLANNER_BYTES = 67 * 2**20  # what the plan's first trace leaves loaded (PyTorch's fake tensors, symbolic shapes)
-LOAD_COPIES = 2  # a tensor being loaded exists twice for a moment: the checkpoint's pages and its own copy
+LOAD_COPIES = 1  # a tensor being loaded exists once more for a moment: as read, beside its place in the model
 TOKENISER_BYTES_PER_TOKEN = 600  # a loaded fast tokeniser (vocabulary and merges): 14-31 MiB at 30-49k, ~150 MiB at 262k
 
 
@@ -93,9 +93,10 @@ def largest_dequantized_bytes(model: nn.Module, quantize: str, skip: tuple[str, 
 
 
 def loading_bytes(model: nn.Module, dtype_bytes: int) -> int:
-    """What loading holds above the weights already in place, at its peak: the largest tensor of the checkpoint
-    in the compute dtype, twice (its pages read from the file and the copy it is quantised or kept from). The
-    checkpoint is read one tensor at a time (`checkpoint_reads`), so this is all that remains of its size."""
+    """What loading holds above the finished model's weights, at its peak: the largest tensor of the checkpoint
+    in the compute dtype, once more (as read, beside its place in the model; measured on a 1.5B model whose
+    two 2.1 GB tables load last, bench/scale.py). The checkpoint is read one tensor at a time
+    (`checkpoint_reads`), so this is all that remains of its size."""
     return LOAD_COPIES * max((p.numel() for p in model.parameters()), default=0) * dtype_bytes
 
 

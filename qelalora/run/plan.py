@@ -85,7 +85,8 @@ class MemoryPlan:
             f"activations ~{fmt_mib(fp.activation_bytes)} (batch {self.batch} x {self.seq} tokens)"
             + (f", or evaluation ~{fmt_mib(fp.eval_bytes)} (batch {EVAL_BATCH_FACTOR * self.batch})" if fp.eval_bytes else "")
             + f" = {fmt_mib(fp.total_bytes)}"
-            + (" (the loading peak: base + its largest tensor read)" if fp.load_peak_bytes == fp.total_bytes else "")
+            + (f" (the loading peak: base + its largest tensor read, {fmt_mib(fp.loading_bytes)})"
+               if fp.load_peak_bytes == fp.total_bytes else "")
             + "\n"
             f"  gradient checkpointing {'on' if self.checkpointing else 'off'} "
             f"(activations ~{fmt_mib(self.activations_other)} with it {'off' if self.checkpointing else 'on'})"
