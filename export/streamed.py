@@ -171,19 +171,40 @@ class DataFile:
         from onnx import TensorProto, numpy_helper
         from onnx.external_data_helper import set_external_data
 
+        if tensor.data_location == TensorProto.EXTERNAL:
+            return  # written in pieces already (`pieces`)
         if not tensor.HasField("raw_data"):
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
         data = tensor.raw_data
         if len(data) < SMALL_TENSOR:
             return
-        pad = -self.offset % 4096  # aligned, so that a runtime may map it
-        self.file.write(b"\0" * pad)
-        self.offset += pad
+        start = self._align()
         self.file.write(data)
-        set_external_data(tensor, self.path.name, offset=self.offset, length=len(data))
+        set_external_data(tensor, self.path.name, offset=start, length=len(data))
         tensor.ClearField("raw_data")
         tensor.data_location = TensorProto.EXTERNAL
         self.offset += len(data)
+
+    def _align(self) -> int:
+        pad = -self.offset % 4096  # aligned, so that a runtime may map it
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        return self.offset
+
+    def pieces(self, name: str, data_type: int, dims: list[int], chunks) -> object:
+        """A tensor written as it is made, from an iterable of byte chunks (one slice of a weight at a time)."""
+        from onnx import TensorProto
+        from onnx.external_data_helper import set_external_data
+
+        start = self._align()
+        for chunk in chunks:
+            self.file.write(chunk)
+            self.offset += len(chunk)
+        tensor = TensorProto(name=name, data_type=data_type, dims=dims, raw_data=b"\0")
+        set_external_data(tensor, self.path.name, offset=start, length=self.offset - start)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        return tensor
 
     def close(self) -> None:
         self.file.close()
@@ -198,8 +219,8 @@ def _array(name: str, value: np.ndarray):
 class _Weights:
     """The format's nodes for one placeholder: fp32, or weight-only 4/8 bits through ONNX Runtime's quantiser."""
 
-    def __init__(self, bits: int | None, options: WeightOnly | None):
-        self.bits, self.options = bits, options
+    def __init__(self, bits: int | None, options: WeightOnly | None, data: DataFile | None = None):
+        self.bits, self.options, self.data = bits, options, data  # with `data`, large tensors go there in pieces
 
     def bits_for(self, source: Source, head: bool) -> int | None:
         """A layer's bits (None: fp32): the head's rule for the output projection, the 8-bit names, the rest."""
@@ -229,54 +250,85 @@ class _Weights:
         return nodes, inits
 
     def _matmul_nbits(self, name: str, x: str, y: str, weight: torch.Tensor, bits: int):
-        """ONNX Runtime's MatMulNBits of W, quantised in slices of output columns (concatenated: B, scales and
-        zero points are laid out one output column after another)."""
+        """ONNX Runtime's MatMulNBits of W, quantised in slices of output columns (B, scales and zero points are
+        laid out one output column after another, so the slices' parts join end to end; B, the large one, goes
+        to the data file slice by slice)."""
+        from onnx import helper, numpy_helper
+
         n, k = weight.shape
         step = max(1, SLICE_BYTES // (4 * k))
-        parts, node = [], None
-        for start in range(0, n, step):
-            node, tensors = _quantise_slice(weight[start:start + step].t().contiguous().numpy(), bits, self.options)
-            parts.append(tensors)
-        from onnx import numpy_helper
+        first: dict = {}
+        small: dict[int, list[np.ndarray]] = {1: [], 2: []}
 
+        def slices():
+            for start in range(0, n, step):
+                node, tensors = _quantise_slice(weight[start:start + step].t().contiguous().numpy(), bits, self.options)
+                first.setdefault("node", node)
+                first.setdefault("tensors", tensors)
+                for i in range(2, len(node.input)):
+                    small[i - 1].append(numpy_helper.to_array(tensors[node.input[i]]).reshape(-1))
+                yield numpy_helper.to_array(tensors[node.input[1]]).tobytes()
+
+        roles = ("B", "scales", "zero_points")
+        if self.data is not None:
+            b_tensor = self.data.pieces(f"{name}.B", 0, [], slices())
+        else:
+            b_tensor = None
+            b_bytes = b"".join(slices())
+        node, tensors = first["node"], first["tensors"]
         inputs, inits = [x], []
-        for i, role in enumerate(("B", "scales", "zero_points")):
-            if i + 1 >= len(node.input):
-                break
-            joined = np.concatenate([numpy_helper.to_array(p[node.input[i + 1]]).reshape(-1) for p in parts])
-            shape = list(numpy_helper.to_array(parts[0][node.input[i + 1]]).shape)
-            shape[0] = -1 if len(shape) > 1 else joined.size
-            joined = joined.reshape(shape) if len(shape) > 1 else joined
-            inits.append(_array(f"{name}.{role}", joined))
+        for i in range(1, len(node.input)):
+            proto = tensors[node.input[i]]
+            shape = list(proto.dims)
+            if i == 1:
+                shape[0] = n
+                if b_tensor is None:
+                    b_tensor = helper.make_tensor(f"{name}.B", proto.data_type, shape, b_bytes, raw=True)
+                else:
+                    b_tensor.data_type = proto.data_type
+                    b_tensor.dims.extend(shape)
+                inits.append(b_tensor)
+            else:
+                joined = np.concatenate(small[i - 1])
+                shape = [n, *shape[1:]] if len(shape) > 1 else [joined.size]
+                inits.append(_array(f"{name}.{roles[i - 1]}", joined.reshape(shape)))
             inputs.append(inits[-1].name)
-        attrs = {a.name: a for a in node.attribute}
-        attrs_values = {key: _attr_value(attr) for key, attr in attrs.items()}
-        attrs_values["N"] = n
-        from onnx import helper
-
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs["N"] = n
         return helper.make_node("MatMulNBits", inputs, [y], name=f"{name}/MatMulNBits", domain="com.microsoft",
-                                **attrs_values), inits
+                                **attrs), inits
 
     def embedding(self, name: str, ids: str, y: str, table: torch.Tensor, bits: int | None):
         """A Gather over the table: fp32, or GatherBlockQuantized at 4 or 8 bits (blocks along each row)."""
-        from onnx import helper
+        from onnx import TensorProto, helper
 
         if bits is None:
             inits = [_array(f"{name}.weight", table.numpy())]
             return [helper.make_node("Gather", [inits[0].name, ids], [y], name=f"{name}/Gather")], inits
-        data, scales, zero = _quantise_rows(table, bits, self.options.block_size)
-        inits = [data, _array(f"{name}.scales", scales), zero]
-        data.name, zero.name = f"{name}.weight_q{bits}", f"{name}.zero_points"
+        rows, dim = table.shape
+        block = self.options.block_size
+        if dim % block:
+            raise UserError(f"the embedding width {dim} is not a multiple of the block size {block}")
+        scales, zeros = [], []
+
+        def slices():
+            for q, s, z in _quantise_rows(table, bits, block):
+                scales.append(s)
+                zeros.append(z)
+                yield q
+
+        qtype = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
+        data_name = f"{name}.weight_q{bits}"
+        if self.data is not None:
+            data = self.data.pieces(data_name, qtype, [rows, dim], slices())
+        else:
+            data = helper.make_tensor(data_name, qtype, [rows, dim], b"".join(slices()), raw=True)
+        zero = helper.make_tensor(f"{name}.zero_points", qtype, [rows, dim // block], b"".join(zeros), raw=True)
+        inits = [data, _array(f"{name}.scales", np.concatenate(scales)), zero]
         node = helper.make_node("GatherBlockQuantized", [data.name, ids, inits[1].name, zero.name], [y],
                                 name=f"{name}/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
-                                quantize_axis=1, block_size=self.options.block_size, bits=bits)
+                                quantize_axis=1, block_size=block, bits=bits)
         return [node], inits
-
-
-def _attr_value(attr):
-    from onnx import helper
-
-    return helper.get_attribute_value(attr)
 
 
 def _quantise_slice(weight_t: np.ndarray, bits: int, options: WeightOnly):
@@ -310,17 +362,13 @@ def _quantise_slice(weight_t: np.ndarray, bits: int, options: WeightOnly):
 
 
 def _quantise_rows(table: torch.Tensor, bits: int, block: int):
-    """Asymmetric round-to-nearest of each row in blocks (GatherBlockQuantized's layout): (data, scales, zero
-    points). 4 bits by ONNX Runtime's own routine; 8 bits (which its quantiser does not offer for a Gather) by
-    the same rule, scale = (max - min) / 255, in row slices."""
-    from onnx import TensorProto, helper
+    """Asymmetric round-to-nearest of each row in blocks (GatherBlockQuantized's layout), in row slices: yields
+    (data bytes, scales [rows, blocks], zero-point bytes) per slice. 4 bits by ONNX Runtime's own routine;
+    8 bits (which its quantiser does not offer for a Gather) by the same rule, scale = (max - min) / 255."""
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
     rows, dim = table.shape
-    if dim % block:
-        raise UserError(f"the embedding width {dim} is not a multiple of the block size {block}")
-    step = max(1, SLICE_BYTES // (4 * dim))
-    data, scales, zeros = [], [], []
+    step = max(2, SLICE_BYTES // (4 * dim)) // 2 * 2  # an even count: two 4-bit values share a byte
     for start in range(0, rows, step):
         part = table[start:start + step].numpy()
         if bits == 4:
@@ -332,13 +380,7 @@ def _quantise_rows(table: torch.Tensor, bits: int, block: int):
             s[s == 0] = 1.0
             z = np.clip(np.round(-low / s), 0, 255).astype(np.uint8)
             q = np.clip(np.round(blocks / s[..., None]) + z[..., None], 0, 255).astype(np.uint8).reshape(part.shape)
-        data.append(np.asarray(q).reshape(-1))
-        scales.append(np.asarray(s, dtype=np.float32).reshape(-1, dim // block))
-        zeros.append(np.asarray(z).reshape(-1))
-    qtype = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
-    data_t = helper.make_tensor("data", qtype, [rows, dim], np.concatenate(data).tobytes(), raw=True)
-    zero_t = helper.make_tensor("zero", qtype, [rows, dim // block], np.concatenate(zeros).tobytes(), raw=True)
-    return data_t, np.concatenate(scales), zero_t
+        yield np.asarray(q).tobytes(), np.asarray(s, dtype=np.float32).reshape(-1, dim // block), np.asarray(z).tobytes()
 
 
 def fill_placeholders(path: Path, sources: list[Source], bits: int | None, options: WeightOnly | None) -> WeightOnly | None:
@@ -351,8 +393,8 @@ def fill_placeholders(path: Path, sources: list[Source], bits: int | None, optio
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         model = onnx.load(str(path))  # a traced graph over 2 GB (placeholders keep it small, but never assume)
     head = next((i for i, s in enumerate(sources) if s.kind == "linear" and s.path.split(".")[-1] == "lm_head"), None)
-    weights = _Weights(bits, options)
     data = DataFile(path.with_name(path.name + "_data"))
+    weights = _Weights(bits, options, data)
     nodes, pending = [], set(range(len(sources)))
     try:
         for tensor in model.graph.initializer:  # the traced graph's own (norms, position tables)
@@ -442,9 +484,9 @@ def quantise_graph(path: Path, bits: int, options: WeightOnly) -> WeightOnly:
             del tensor.external_data[:]
         return tensor
 
-    weights = _Weights(bits, options)
     new_data = path.with_name(path.name + "_data.partial")
     data = DataFile(new_data)
+    weights = _Weights(bits, options, data)
     nodes, initializers = [], []
     try:
         for node in model.graph.node:

@@ -101,20 +101,29 @@ def test_column_slices_quantise_like_the_whole_matrix(monkeypatch):
         assert a.name == b.name and list(a.dims) == list(b.dims) and a.raw_data == b.raw_data
 
 
-def test_loading_reads_one_tensor_at_a_time_and_gives_transformers_model(tiny_llama_dir):
-    """The loader's reads change nothing in the model: the same NF4 bytes and float tensors as transformers'
-    own reads, and no mapping of the checkpoint left behind."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_loading_reads_one_tensor_at_a_time_and_gives_transformers_model(arch, request):
+    """The loader's reads change nothing in the model: the same NF4 bytes, float tensors and fresh head as
+    transformers' own reads, and no mapping of the checkpoint left behind."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     from qelalora.base.checkpoint_reads import checkpoint_mapped
     from qelalora.base.models import load_base_model
 
-    ours, spec = load_base_model(str(tiny_llama_dir), "nf4", None, "cpu")
+    folder = str(request.getfixturevalue(f"tiny_{arch}_dir"))
+    torch.manual_seed(0)
+    ours, spec = load_base_model(folder, "nf4", 2, "cpu")
     assert not checkpoint_mapped()
-    theirs = AutoModelForCausalLM.from_pretrained(
-        str(tiny_llama_dir), dtype=torch.float32, device_map={"": "cpu"},
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=list(spec.unquantized)))
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=list(spec.unquantized))
+    torch.manual_seed(0)
+    if arch == "llama":
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": "cpu"},
+                                                      quantization_config=quant)
+    else:
+        theirs = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, ignore_mismatched_sizes=True,
+                                                                    dtype=torch.float32, device_map={"": "cpu"},
+                                                                    quantization_config=quant)
     a, b = ours.state_dict(), theirs.state_dict()
     assert a.keys() == b.keys()
     for key in a:
