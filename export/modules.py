@@ -1,13 +1,13 @@
 """Export forms of an adapted model's linears (the adapter graph surgery).
 
-Before export every frozen bitsandbytes linear is replaced by one of:
-- `merged_linear`: a plain nn.Linear holding dequant(W0) + s B diag(E) A;
-- `NF4Linear`: the exact NF4 bytes it was trained against, exported as
-  `com.microsoft::MatMulBnb4`, plus (if the layer is adapted and its rank is
-  above 0) a low-rank branch x A^T (s B diag(E))^T of that layer's own rank.
-  In "input" mode the branch's two matrices come from graph inputs, so one
-  graph serves adapters of any rank pattern.
-Heads and other plain modules stay as they are.
+For the formats that keep the NF4 base, every frozen bitsandbytes linear is
+replaced by an `NF4Linear`: the exact NF4 bytes it was trained against,
+exported as `com.microsoft::MatMulBnb4`, plus (if the layer is adapted and
+its rank is above 0) a low-rank branch x A^T (s B diag(E))^T of that layer's
+own rank. In "input" mode the branch's two matrices come from graph inputs,
+so one graph serves adapters of any rank pattern. Heads and other plain
+modules stay as they are. Merged formats are built layer by layer in
+`streamed` instead.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from qelalora.method.layer import ElaLoRALinear, dequantized_base_weight
+from qelalora.method.layer import ElaLoRALinear
 
 NF4, FP4 = 1, 0  # MatMulBnb4's quant_type attribute
 
@@ -103,20 +103,6 @@ def branch_matrices(adapter: ElaLoRALinear) -> tuple[torch.Tensor, torch.Tensor]
         return adapter.lora_A.detach().clone(), (adapter.lora_B * (adapter.lora_E * adapter.scaling)).detach().clone()
 
 
-def merged_linear(module: nn.Module) -> nn.Linear:
-    """A dense nn.Linear equal to an NF4/plain linear or an ElaLoRA layer with its update merged in."""
-    base = module.base if isinstance(module, ElaLoRALinear) else module
-    weight = dequantized_base_weight(base)
-    if isinstance(module, ElaLoRALinear) and module.rank > 0:
-        weight = weight + module.delta_weight().detach()
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=base.bias is not None)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-        if base.bias is not None:
-            dense.bias.copy_(base.bias.float())
-    return dense.requires_grad_(False)
-
-
 def _replace(model: nn.Module, build) -> list[str]:
     """Replace every ElaLoRA layer and every bitsandbytes linear (outermost first) by `build(module)`."""
     linear4 = _bnb_linear_class()
@@ -130,12 +116,6 @@ def _replace(model: nn.Module, build) -> list[str]:
         setattr(parent, leaf, build(module))
         replaced.append(name)
     return replaced
-
-
-def merge_model(model: nn.Module) -> nn.Module:
-    """In place: every adapted/NF4 linear becomes a dense fp32 nn.Linear with the adapter merged."""
-    _replace(model, merged_linear)
-    return model
 
 
 def nf4_adapter_model(model: nn.Module, adapter_as_input: bool = False) -> dict[str, NF4Linear]:
