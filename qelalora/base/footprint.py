@@ -94,8 +94,8 @@ def largest_dequantized_bytes(model: nn.Module, quantize: str, skip: tuple[str, 
 
 def loading_bytes(model: nn.Module, dtype_bytes: int) -> int:
     """What loading holds above the finished model's weights, at its peak: the largest tensor of the checkpoint
-    in the compute dtype, once more (as read, beside its place in the model; measured on a 1.5B model whose
-    two 2.1 GB tables load last, bench/scale.py). The checkpoint is read one tensor at a time
+    in the compute dtype, once more (as read, beside its place in the model: the 8B width's second 2.1 GB table
+    is read while the first is in place, bench/scale.py). The checkpoint is read one tensor at a time
     (`checkpoint_reads`), so this is all that remains of its size."""
     return LOAD_COPIES * max((p.numel() for p in model.parameters()), default=0) * dtype_bytes
 
