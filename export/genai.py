@@ -30,7 +30,7 @@ from qelalora.errors import UserError
 from .graph_files import unreferenced_files
 from .merged_checkpoint import write_merged_checkpoint
 from .quantise import WeightOnly
-from .streamed import quantise_graph
+from .requantise import quantise_graph
 
 PRECISIONS = ("int4-mixed", "int4", "fp32", "fp16")
 # the builder fuses q/k/v into one qkv_proj MatMul; v_proj is kept for builders that do not

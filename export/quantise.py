@@ -60,6 +60,13 @@ class WeightOnly:
             int8_layers=(DECODER_INT8_LAYERS if mixed else ()) if self.int8_layers is None else self.int8_layers,
         )
 
+    def layer_bits(self, bits: int, head: bool, named: bool) -> int | None:
+        """One layer's bits (None: float): the output projection by the `head` rule, a layer among
+        `int8_layers` at 8, the rest at `bits`."""
+        if head and self.head not in (None, "same"):
+            return None if self.head == "float" else 8
+        return 8 if named else bits
+
     def check(self, fmt: str) -> None:
         """Stop with a clear error when these settings cannot apply to `fmt` (before any slow work)."""
         from qelalora.errors import UserError

@@ -6,10 +6,9 @@ without its large weights instead: every linear (adapted, NF4 or the output
 projection) and the input embedding table become placeholder nodes that carry
 only their shapes. Then each placeholder is replaced in graph order by the
 format's nodes: the layer's merged weight (dequantised NF4 + s B diag(E) A) is
-made, written to the graph's data file in fp32, or quantised by ONNX Runtime's
-own quantiser (in column slices, which round-to-nearest, HQQ and k-quant treat
-independently), and the layer's tensors are let go. The peak is the NF4 model
-plus one layer's weights.
+made, written to the graph's data file in fp32 or quantised (`weight_nodes`),
+and the layer's tensors are let go. The peak is the NF4 model plus one
+layer's weights.
 
 The weights are appended to the graph's data file as they are made; a graph
 whose weights fit `graph_files.INLINE_LIMIT` is written as one file at the end.
@@ -20,18 +19,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from qelalora.errors import UserError
 from qelalora.method.layer import ElaLoRALinear, dequantized_base_weight
 
-from .graph_files import SMALL_TENSOR, write_graph
-from .quantise import WeightOnly, _QuietRootLogger, named_matmuls, output_projection
+from .graph_files import write_graph
+from .quantise import WeightOnly
+from .weight_nodes import DataFile, WeightNodes
 
 DOMAIN = "qelalora.placeholder"
-SLICE_BYTES = 64 * 2**20  # fp32 bytes of one weight slice handed to the quantiser at a time
 
 
 class _LinearNode(torch.autograd.Function):
@@ -94,6 +92,7 @@ class Source:
     path: str
     module: nn.Module
     kind: str  # "linear" or "embedding"
+    head: bool = False  # the output projection (a decoder's LM head)
 
     def weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(fp32 weight [out, in] or table [rows, dim], bias or None): the adapter merged in where there is one."""
@@ -136,9 +135,8 @@ def insert_placeholders(model: nn.Module, causal: bool) -> list[Source]:
             sources.append(Source(name, module, "embedding"))
             replacement = _Embedding(index, module.embedding_dim, getattr(module, "embed_scale", None))
         else:
-            sources.append(Source(name, module, "linear"))
-            out = module.out_features
-            replacement = _Linear(index, out)
+            sources.append(Source(name, module, "linear", head=module is output))
+            replacement = _Linear(index, module.out_features)
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, leaf, replacement)
@@ -159,230 +157,6 @@ def release(sources: list[Source], done: int, pending: set[int]) -> None:
     release_tensors(sources[done].module, kept)
 
 
-class DataFile:
-    """The graph's external data: tensors appended as they are made, referenced by offset and length."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset = path, 0
-        self.file = path.open("wb")
-
-    def externalise(self, tensor) -> None:
-        """Move a TensorProto's bytes (raw_data) to the file, unless it is small."""
-        from onnx import TensorProto, numpy_helper
-        from onnx.external_data_helper import set_external_data
-
-        if tensor.data_location == TensorProto.EXTERNAL:
-            return  # written in pieces already (`pieces`)
-        if not tensor.HasField("raw_data"):
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-        data = tensor.raw_data
-        if len(data) < SMALL_TENSOR:
-            return
-        start = self._align()
-        self.file.write(data)
-        set_external_data(tensor, self.path.name, offset=start, length=len(data))
-        tensor.ClearField("raw_data")
-        tensor.data_location = TensorProto.EXTERNAL
-        self.offset += len(data)
-
-    def _align(self) -> int:
-        pad = -self.offset % 4096  # aligned, so that a runtime may map it
-        self.file.write(b"\0" * pad)
-        self.offset += pad
-        return self.offset
-
-    def pieces(self, name: str, data_type: int, dims: list[int], chunks) -> object:
-        """A tensor written as it is made, from an iterable of byte chunks (one slice of a weight at a time)."""
-        from onnx import TensorProto
-        from onnx.external_data_helper import set_external_data
-
-        start = self._align()
-        for chunk in chunks:
-            self.file.write(chunk)
-            self.offset += len(chunk)
-        tensor = TensorProto(name=name, data_type=data_type, dims=dims, raw_data=b"\0")
-        set_external_data(tensor, self.path.name, offset=start, length=self.offset - start)
-        tensor.ClearField("raw_data")
-        tensor.data_location = TensorProto.EXTERNAL
-        return tensor
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _array(name: str, value: np.ndarray):
-    from onnx import numpy_helper
-
-    return numpy_helper.from_array(np.ascontiguousarray(value), name)
-
-
-class _Weights:
-    """The format's nodes for one placeholder: fp32, or weight-only 4/8 bits through ONNX Runtime's quantiser."""
-
-    def __init__(self, bits: int | None, options: WeightOnly | None, data: DataFile | None = None):
-        self.bits, self.options, self.data = bits, options, data  # with `data`, large tensors go there in pieces
-
-    def bits_for(self, source: Source, head: bool) -> int | None:
-        """A layer's bits (None: fp32): the head's rule for the output projection, the 8-bit names, the rest."""
-        if self.bits is None:
-            return None
-        o = self.options
-        if head and o.head != "same":
-            return None if o.head == "float" else 8
-        return 8 if path_names(source.path) & set(o.int8_layers or ()) else self.bits
-
-    def linear(self, name: str, x: str, y: str, weight: torch.Tensor, bias, bits: int | None):
-        """Nodes and initializers for y = x W^T (+ b)."""
-        from onnx import helper
-
-        out = y if bias is None else f"{name}/MatMul_output"
-        nodes, inits = [], []
-        if bits is None:
-            inits.append(_array(f"{name}.weight", weight.t().numpy()))
-            nodes.append(helper.make_node("MatMul", [x, inits[-1].name], [out], name=f"{name}/MatMul"))
-        else:
-            node, tensors = self._matmul_nbits(name, x, out, weight, bits)
-            nodes.append(node)
-            inits += tensors
-        if bias is not None:
-            inits.append(_array(f"{name}.bias", bias.numpy()))
-            nodes.append(helper.make_node("Add", [out, inits[-1].name], [y], name=f"{name}/Add"))
-        return nodes, inits
-
-    def _matmul_nbits(self, name: str, x: str, y: str, weight: torch.Tensor, bits: int):
-        """ONNX Runtime's MatMulNBits of W, quantised in slices of output columns (B, scales and zero points are
-        laid out one output column after another, so the slices' parts join end to end; B, the large one, goes
-        to the data file slice by slice)."""
-        from onnx import helper, numpy_helper
-
-        n, k = weight.shape
-        step = max(1, SLICE_BYTES // (4 * k))
-        first: dict = {}
-        small: dict[int, list[np.ndarray]] = {1: [], 2: []}
-
-        def slices():
-            for start in range(0, n, step):
-                node, tensors = _quantise_slice(weight[start:start + step].t().contiguous().numpy(), bits, self.options)
-                first.setdefault("node", node)
-                first.setdefault("tensors", tensors)
-                for i in range(2, len(node.input)):
-                    small[i - 1].append(numpy_helper.to_array(tensors[node.input[i]]).reshape(-1))
-                yield numpy_helper.to_array(tensors[node.input[1]]).tobytes()
-
-        roles = ("B", "scales", "zero_points")
-        if self.data is not None:
-            b_tensor = self.data.pieces(f"{name}.B", 0, [], slices())
-        else:
-            b_tensor = None
-            b_bytes = b"".join(slices())
-        node, tensors = first["node"], first["tensors"]
-        inputs, inits = [x], []
-        for i in range(1, len(node.input)):
-            proto = tensors[node.input[i]]
-            shape = list(proto.dims)
-            if i == 1:
-                shape[0] = n
-                if b_tensor is None:
-                    b_tensor = helper.make_tensor(f"{name}.B", proto.data_type, shape, b_bytes, raw=True)
-                else:
-                    b_tensor.data_type = proto.data_type
-                    b_tensor.dims.extend(shape)
-                inits.append(b_tensor)
-            else:
-                joined = np.concatenate(small[i - 1])
-                shape = [n, *shape[1:]] if len(shape) > 1 else [joined.size]
-                inits.append(_array(f"{name}.{roles[i - 1]}", joined.reshape(shape)))
-            inputs.append(inits[-1].name)
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        attrs["N"] = n
-        return helper.make_node("MatMulNBits", inputs, [y], name=f"{name}/MatMulNBits", domain="com.microsoft",
-                                **attrs), inits
-
-    def embedding(self, name: str, ids: str, y: str, table: torch.Tensor, bits: int | None):
-        """A Gather over the table: fp32, or GatherBlockQuantized at 4 or 8 bits (blocks along each row)."""
-        from onnx import TensorProto, helper
-
-        if bits is None:
-            inits = [_array(f"{name}.weight", table.numpy())]
-            return [helper.make_node("Gather", [inits[0].name, ids], [y], name=f"{name}/Gather")], inits
-        rows, dim = table.shape
-        block = self.options.block_size
-        if dim % block:
-            raise UserError(f"the embedding width {dim} is not a multiple of the block size {block}")
-        scales, zeros = [], []
-
-        def slices():
-            for q, s, z in _quantise_rows(table, bits, block):
-                scales.append(s)
-                zeros.append(z)
-                yield q
-
-        qtype = TensorProto.UINT4 if bits == 4 else TensorProto.UINT8
-        data_name = f"{name}.weight_q{bits}"
-        if self.data is not None:
-            data = self.data.pieces(data_name, qtype, [rows, dim], slices())
-        else:
-            data = helper.make_tensor(data_name, qtype, [rows, dim], b"".join(slices()), raw=True)
-        zero = helper.make_tensor(f"{name}.zero_points", qtype, [rows, dim // block], b"".join(zeros), raw=True)
-        inits = [data, _array(f"{name}.scales", np.concatenate(scales)), zero]
-        node = helper.make_node("GatherBlockQuantized", [data.name, ids, inits[1].name, zero.name], [y],
-                                name=f"{name}/GatherBlockQuantized", domain="com.microsoft", gather_axis=0,
-                                quantize_axis=1, block_size=block, bits=bits)
-        return [node], inits
-
-
-def _quantise_slice(weight_t: np.ndarray, bits: int, options: WeightOnly):
-    """MatMulNBits of one [K, n] slice, by ONNX Runtime's quantiser on a one-node graph: (node, {name: tensor})."""
-    from onnx import TensorProto, helper
-    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
-
-    k = weight_t.shape[0]
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], name="m")], "slice",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, weight_t.shape[1]])],
-        initializer=[_array("w", weight_t)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    if options.algo == "hqq":
-        config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
-    elif options.algo == "k-quant":
-        config = nbits.KQuantWeightOnlyQuantConfig()
-    else:
-        config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
-                                                    accuracy_level=options.accuracy_level, bits=bits)
-    quantizer = nbits.MatMulNBitsQuantizer(model, bits=bits, block_size=options.block_size,
-                                           is_symmetric=options.symmetric, accuracy_level=options.accuracy_level,
-                                           algo_config=config)
-    with _QuietRootLogger():
-        quantizer.process()
-    out = quantizer.model.model.graph
-    node = next(n for n in out.node if n.op_type == "MatMulNBits")
-    return node, {t.name: t for t in out.initializer}
-
-
-def _quantise_rows(table: torch.Tensor, bits: int, block: int):
-    """Asymmetric round-to-nearest of each row in blocks (GatherBlockQuantized's layout), in row slices: yields
-    (data bytes, scales [rows, blocks], zero-point bytes) per slice. 4 bits by ONNX Runtime's own routine;
-    8 bits (which its quantiser does not offer for a Gather) by the same rule, scale = (max - min) / 255."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
-
-    rows, dim = table.shape
-    step = max(2, SLICE_BYTES // (4 * dim)) // 2 * 2  # an even count: two 4-bit values share a byte
-    for start in range(0, rows, step):
-        part = table[start:start + step].numpy()
-        if bits == 4:
-            q, s, z = DefaultWeightOnlyQuantizer.quantize_ndarray(part, 1, block, False)
-        else:
-            blocks = part.reshape(part.shape[0], dim // block, block)
-            low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
-            s = ((high - low) / 255).astype(np.float32)
-            s[s == 0] = 1.0
-            z = np.clip(np.round(-low / s), 0, 255).astype(np.uint8)
-            q = np.clip(np.round(blocks / s[..., None]) + z[..., None], 0, 255).astype(np.uint8).reshape(part.shape)
-        yield np.asarray(q).tobytes(), np.asarray(s, dtype=np.float32).reshape(-1, dim // block), np.asarray(z).tobytes()
-
-
 def fill_placeholders(path: Path, sources: list[Source], bits: int | None, options: WeightOnly | None) -> WeightOnly | None:
     """Replace every placeholder node of the graph at `path` by the format's nodes (fp32 when `bits` is None),
     one source at a time, and write the graph back (its weights external above `INLINE_LIMIT`). Returns the
@@ -392,9 +166,8 @@ def fill_placeholders(path: Path, sources: list[Source], bits: int | None, optio
     model = onnx.load(str(path), load_external_data=False)
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
         model = onnx.load(str(path))  # a traced graph over 2 GB (placeholders keep it small, but never assume)
-    head = next((i for i, s in enumerate(sources) if s.kind == "linear" and s.path.split(".")[-1] == "lm_head"), None)
     data = DataFile(path.with_name(path.name + "_data"))
-    weights = _Weights(bits, options, data)
+    weights = WeightNodes(options, data)
     nodes, pending = [], set(range(len(sources)))
     try:
         for tensor in model.graph.initializer:  # the traced graph's own (norms, position tables)
@@ -414,8 +187,9 @@ def fill_placeholders(path: Path, sources: list[Source], bits: int | None, optio
                 table_bits = None if bits is None or not options.embeddings else (4 if bits == 4 else 8)
                 new, inits = weights.embedding(name, node.input[0], node.output[0], weight, table_bits)
             else:
-                new, inits = weights.linear(name, node.input[0], node.output[0], weight, bias,
-                                            weights.bits_for(source, index == head))
+                chosen = None if bits is None else options.layer_bits(bits, source.head,
+                                                                      bool(path_names(source.path) & set(options.int8_layers)))
+                new, inits = weights.linear(name, node.input[0], node.output[0], weight, bias, chosen)
             del weight, bias
             for tensor in inits:
                 data.externalise(tensor)
@@ -457,76 +231,3 @@ def bits_and_options(fmt: str, quant: WeightOnly, task: str, sources: list[Sourc
         raise UserError(f"--int8-layers {','.join(options.int8_layers)} names no MatMul of this graph; use the "
                         "names in its node paths, e.g. down_proj, v_proj, lm_head (BERT: value, output)")
     return bits, replace(options, int8_layers=found if not given else options.int8_layers)
-
-
-def quantise_graph(path: Path, bits: int, options: WeightOnly) -> WeightOnly:
-    """Weight-only quantisation of an existing graph's constant MatMuls (`quantise.quantise_weights`' rules:
-    the named 8-bit layers and the head's rule), one weight at a time: each is read alone from the graph's data
-    file, quantised in column slices, and written to the new data file; the rest is copied across. For graphs
-    made by other tools (ONNX Runtime GenAI's builder) whose fp32 weights would not fit in memory twice."""
-    import onnx
-    from onnx import numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor
-
-    model = onnx.load(str(path), load_external_data=False)
-    head = output_projection(model)
-    eight = {n for nodes in named_matmuls(model, tuple(options.int8_layers or ())).values() for n in nodes}
-    tensors = {t.name: t for t in model.graph.initializer}
-    uses = {}
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] = uses.get(name, 0) + 1
-
-    def loaded(tensor):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            load_external_data_for_tensor(tensor, str(path.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-        return tensor
-
-    new_data = path.with_name(path.name + "_data.partial")
-    data = DataFile(new_data)
-    weights = _Weights(bits, options, data)
-    nodes, initializers = [], []
-    try:
-        for node in model.graph.node:
-            weight = tensors.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
-            if weight is None or len(weight.dims) != 2 or weight.data_type != onnx.TensorProto.FLOAT:
-                nodes.append(node)
-                continue
-            chosen = None if node.name == head and options.head == "float" else (
-                8 if node.name in eight or (node.name == head and options.head == "int8") else bits)
-            if chosen is None:
-                nodes.append(node)
-                continue
-            matrix = torch.from_numpy(numpy_helper.to_array(loaded(weight))).t()  # [N, K], a view
-            base = node.name.rsplit("/", 1)[0] if node.name else f"/matmul_{len(nodes)}"
-            new, inits = weights.linear(base, node.input[0], node.output[0], matrix, None, chosen)
-            del matrix
-            uses[weight.name] -= 1
-            if not uses[weight.name]:  # a table the lookup shares with a tied head stays for the lookup
-                weight.ClearField("raw_data")
-                tensors.pop(weight.name)
-            for tensor in inits:
-                data.externalise(tensor)
-            initializers += inits
-            nodes.extend(new)
-        for tensor in tensors.values():  # everything else, copied across one tensor at a time
-            data.externalise(loaded(tensor))
-            initializers.append(tensor)
-    finally:
-        data.close()
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(initializers)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
-    final = path.with_name(path.name + "_data")
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                entry.value = final.name
-    new_data.replace(final)
-    write_graph(model, path, final)
-    return options

@@ -6,7 +6,7 @@ import onnx
 import pytest
 import torch
 
-from qelalora.export import graph_files, streamed
+from qelalora.export import graph_files, streamed, weight_nodes
 from qelalora.export.exporter import export_run
 from qelalora.export.graph_files import referenced_files, unreferenced_files
 from qelalora.export.runtime import SUMMARY
@@ -92,9 +92,9 @@ def test_column_slices_quantise_like_the_whole_matrix(monkeypatch):
     from qelalora.export.quantise import WeightOnly
 
     weight = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
-    weights = streamed._Weights(4, WeightOnly().for_task("causal-lm", 4))
+    weights = weight_nodes.WeightNodes(WeightOnly().for_task("causal-lm", 4))
     whole = weights._matmul_nbits("w", "x", "y", weight, 4)
-    monkeypatch.setattr(streamed, "SLICE_BYTES", 4 * 64 * 7)  # 7 columns a slice: 6 slices, the last one short
+    monkeypatch.setattr(weight_nodes, "SLICE_BYTES", 4 * 64 * 7)  # 7 columns a slice: 6 slices, the last one short
     sliced = weights._matmul_nbits("w", "x", "y", weight, 4)
     assert [a for a in whole[0].attribute] == [a for a in sliced[0].attribute]
     for a, b in zip(whole[1], sliced[1]):
