@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qelalora.run.checkpoint import write_json_atomic
-from qelalora.errors import RunDirError, UserError
-
 from qelalora.base.footprint import release_free_heap
+from qelalora.errors import RunDirError, UserError
+from qelalora.run.checkpoint import write_json_atomic
 
 from . import genai, graphs, parity, streamed
 from .graph_files import unreferenced_files, write_graph

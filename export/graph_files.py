@@ -65,6 +65,6 @@ def referenced_files(graph: Path) -> set[Path]:
 
 def unreferenced_files(folder: Path) -> list[Path]:
     """Model data files in `folder` that no graph in it references."""
-    referenced = set().union(*(referenced_files(g) for g in folder.rglob("*.onnx"))) if any(folder.rglob("*.onnx")) else set()
+    referenced = set().union(*(referenced_files(g) for g in folder.rglob("*.onnx")))
     data = [p for p in folder.rglob("*") if p.is_file() and (p.name.endswith((".onnx_data", ".onnx.data", ".data")))]
     return sorted(p for p in data if p not in referenced)

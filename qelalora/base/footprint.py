@@ -52,7 +52,7 @@ class Footprint:
     traced: bool = False  # activations and evaluation from a traced step (`run.trace`), else from the formula
     process_resident_bytes: int | None = None  # CPU: what the process holds above its start once loaded (`process_bytes`)
     process_bytes: int | None = None  # CPU: the process's expected peak above its start
-    loading_bytes: int = 0  # above the base while loading: the largest tensor read, twice (`loading_bytes`)
+    loading_bytes: int = 0  # above the base while loading: the largest tensor, once more (`loading_bytes`)
 
     @property
     def load_peak_bytes(self) -> int:
