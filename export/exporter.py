@@ -28,7 +28,7 @@ from .modules import branch_matrices, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
 from .runtime import SUMMARY, open_export
 from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
-from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample
+from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample, set_tokenizer_aside
 
 FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters", "swappable",
            "genai")
@@ -151,6 +151,7 @@ def export_run(
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
     examples = heldout_examples(run, max(parity_examples, metric_examples))
     with tempfile.TemporaryDirectory(prefix="qelalora-reference-") as reference:
+        set_tokenizer_aside(run, Path(reference) / "tokenizer")
         ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples],
                                        run.tokenizer.eos_token_id, Path(reference))
         info, result = _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant,
@@ -199,7 +200,7 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
             raise RuntimeError(f"export left data files that no graph references: {[p.name for p in orphans]}")
         write_json_atomic(tmp / SUMMARY, info)
         checked = f"genai-{genai_precision}" if fmt == "genai" else fmt
-        result = parity.check(open_export(tmp), ref, checked, examples[:metric_examples])
+        result = parity.check(open_export(tmp, memory_arena=False), ref, checked, examples[:metric_examples])
         info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
         write_json_atomic(tmp / SUMMARY, info)
         _publish(tmp, out_dir)

@@ -25,12 +25,15 @@ def write_graph(model, path: Path, data_path: Path | None = None) -> None:
     data_path = data_path or path.with_name(path.name + "_data")
     external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     size = sum(_external_length(t) for t in external) + sum(len(t.raw_data) for t in model.graph.initializer)
-    if external:
-        if size <= INLINE_LIMIT or any(_external_location(t) != data_path.name for t in external) or any(
-                len(t.raw_data) >= SMALL_TENSOR for t in model.graph.initializer):
-            load_external_data_for_model(model, str(path.parent))  # into memory: the file is rewritten below
-            external = []
-    if external:  # every large tensor already in data_path
+    mixed = any(_external_location(t) != data_path.name for t in external) or (
+        size > INLINE_LIMIT and any(len(t.raw_data) >= SMALL_TENSOR for t in model.graph.initializer))
+    if external and mixed:
+        load_external_data_for_model(model, str(path.parent))  # into memory: the file is rewritten below
+        external = []
+    if external and size <= INLINE_LIMIT:
+        _save_inline(model, path, data_path)
+        data_path.unlink()
+    elif external:  # every large tensor already in data_path
         onnx.save(model, str(path))
     elif size <= INLINE_LIMIT:
         onnx.save(model, str(path))
@@ -39,6 +42,39 @@ def write_graph(model, path: Path, data_path: Path | None = None) -> None:
         data_path.unlink(missing_ok=True)
         onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=data_path.name, size_threshold=SMALL_TENSOR)
+
+
+def _save_inline(model, path: Path, data_path: Path) -> None:
+    """`model` as one file, its external tensors read back from `data_path` one at a time, so that the graph is
+    never held twice (as a message and as its serialised bytes). The file is the graph without those tensors,
+    then one small model message per tensor holding just that initializer: protobuf parsers merge a message
+    field that appears more than once and append its repeated fields, so every reader sees the whole graph."""
+    import onnx
+
+    inline = onnx.ModelProto()
+    inline.CopyFrom(model)
+    del inline.graph.initializer[:]
+    inline.graph.initializer.extend(t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as out, data_path.open("rb") as data:
+        out.write(inline.SerializeToString())
+        del inline
+        for tensor in model.graph.initializer:
+            if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            piece = onnx.ModelProto()
+            held = piece.graph.initializer.add()
+            held.CopyFrom(tensor)
+            del held.external_data[:]
+            held.data_location = onnx.TensorProto.DEFAULT
+            data.seek(_external_offset(tensor))
+            held.raw_data = data.read(_external_length(tensor))
+            out.write(piece.SerializeToString())
+    partial.replace(path)
+
+
+def _external_offset(tensor) -> int:
+    return int(next((e.value for e in tensor.external_data if e.key == "offset"), 0))
 
 
 def _external_length(tensor) -> int:

@@ -8,6 +8,7 @@ layout: input_ids, attention_mask, position_ids, past_key_values.N.key/value).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -58,10 +59,27 @@ def _summary(folder: Path) -> dict:
     return json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
 
 
-def open_export(folder: Path, threads: int | None = None):
-    """The runner for an export folder: ONNX Runtime for the ONNX formats, ONNX Runtime GenAI for `genai`."""
+def token_losses(logits: np.ndarray, labels: np.ndarray, positions: int = 16) -> float:
+    """The summed cross-entropy of `labels` (-100: not counted) under `logits` [positions, vocab], a few positions
+    at a time, so that a 262k-token vocabulary's temporaries stay small."""
+    total = 0.0
+    for start in range(0, len(labels), positions):
+        pred, want = logits[start : start + positions], labels[start : start + positions]
+        keep = want != -100
+        top = pred.max(-1)
+        log_norm = top + np.log(np.exp(pred - top[:, None]).sum(-1))
+        total += float((log_norm - pred[np.arange(len(want)), np.where(keep, want, 0)])[keep].sum())
+    return total
+
+
+def open_export(folder: Path, threads: int | None = None, memory_arena: bool = True):
+    """The runner for an export folder: ONNX Runtime for the ONNX formats, ONNX Runtime GenAI for `genai`.
+    `memory_arena=False` returns each run's buffers at once instead of keeping the largest run's (the
+    exporter's check, where a 262k-token vocabulary's logits would otherwise stay allocated)."""
     folder = Path(folder)
-    return GenaiModel(folder) if _summary(folder).get("format") == "genai" else EdgeModel(folder, threads)
+    if _summary(folder).get("format") == "genai":
+        return GenaiModel(folder)
+    return EdgeModel(folder, threads, memory_arena)
 
 
 class Runner:
@@ -69,7 +87,13 @@ class Runner:
 
     task: str
     info: dict
-    tokenizer: EdgeTokenizer
+    folder: Path
+
+    @functools.cached_property
+    def tokenizer(self) -> EdgeTokenizer:
+        """Loaded on first use: checks that feed token ids never pay for it (a 262k-token vocabulary's tokenizer
+        takes about 240 MiB)."""
+        return EdgeTokenizer(self.folder / "tokenizer.json", self.info.get("eos_token_id"), self.info.get("pad_token_id"))
 
     def logits(self, rows: list[list[int]]) -> np.ndarray:
         raise NotImplementedError
@@ -98,12 +122,9 @@ class Runner:
             logits = self.logits([e["input_ids"] for e in chunk])
             for row, e in zip(logits, chunk):
                 labels = np.array(e.get("labels", e["input_ids"]))[1:]
-                pred = row[: len(labels)]
-                keep = labels != -100
-                logp = pred - pred.max(-1, keepdims=True)
-                logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-                loss_sum -= float(logp[np.arange(len(labels))[keep], labels[keep]].sum())
-                tokens += int(keep.sum())
+                loss_sum += token_losses(row[: len(labels)], labels)
+                tokens += int((labels != -100).sum())
+            del logits
         loss = loss_sum / max(tokens, 1)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "tokens": tokens}
 
@@ -111,7 +132,7 @@ class Runner:
 class EdgeModel(Runner):
     """An exported ONNX graph, ready for classification, generation and evaluation."""
 
-    def __init__(self, folder: Path, threads: int | None = None):
+    def __init__(self, folder: Path, threads: int | None = None, memory_arena: bool = True):
         folder = Path(folder)
         self.folder = folder
         self.info = _summary(folder)
@@ -122,13 +143,13 @@ class EdgeModel(Runner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        options.enable_cpu_mem_arena = memory_arena
         self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.run_options = ort.RunOptions()
         adapter = folder / "adapter.onnx_adapter"
         if adapter.is_file():
             self.use_adapter(adapter)
-        self.tokenizer = EdgeTokenizer(folder / "tokenizer.json", self.info.get("eos_token_id"), self.info.get("pad_token_id"))
         self.pad_id = self.info.get("pad_token_id") or 0
         self.has_cache = any(n.startswith("past_key_values.") for n in self.inputs)
 
@@ -218,7 +239,6 @@ class GenaiModel(Runner):
         self.info = _summary(self.folder)
         self.task = self.info["task"]
         self.model = og.Model(str(self.folder))
-        self.tokenizer = EdgeTokenizer(self.folder / "tokenizer.json", self.info.get("eos_token_id"), self.info.get("pad_token_id"))
 
     def use_adapter(self, path: Path) -> None:
         raise UserError("a genai export has its adapters merged; --adapter is for the swappable format")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from qelalora.base.footprint import release_free_heap
 from qelalora.errors import UserError
 from qelalora.method.layer import ElaLoRALinear, dequantized_base_weight
 
@@ -196,6 +197,7 @@ def fill_placeholders(path: Path, sources: list[Source], bits: int | None, optio
             model.graph.initializer.extend(inits)
             nodes.extend(new)
             release(sources, index, pending)
+            release_free_heap()  # the quantiser's copies of this weight
     finally:
         data.close()
     del model.graph.node[:]

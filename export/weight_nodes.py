@@ -20,7 +20,7 @@ from qelalora.errors import UserError
 from .graph_files import SMALL_TENSOR
 from .quantise import WeightOnly, _QuietRootLogger
 
-SLICE_BYTES = 64 * 2**20  # fp32 bytes of one weight slice handed to the quantiser at a time
+SLICE_BYTES = 16 * 2**20  # fp32 bytes of one weight slice handed to the quantiser (which holds ~5 copies)
 
 
 class DataFile:

@@ -128,3 +128,72 @@ def test_loading_reads_one_tensor_at_a_time_and_gives_transformers_model(arch, r
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_an_inline_graph_is_written_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """A graph under the inline limit whose weights are in its data file becomes one file without loading the data
+    file whole: the graph, then one message per tensor, which readers merge into the same model."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    from onnx.external_data_helper import load_external_data_for_model
+
+    rng = np.random.default_rng(0)
+    weights = {f"w{i}": rng.standard_normal((64, 64)).astype(np.float32) for i in range(3)}
+    nodes = [helper.make_node("MatMul", ["x" if i == 0 else f"h{i}", f"w{i}"], [f"h{i + 1}" if i < 2 else "y"]) for i in range(3)]
+    small = numpy_helper.from_array(np.ones(4, np.float32), "unused_small")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 64])],
+                              initializer=[numpy_helper.from_array(w, n) for n, w in weights.items()] + [small])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    path = tmp_path / "model.onnx"
+    data = weight_nodes.DataFile(path.with_name("model.onnx_data"))
+    for tensor in model.graph.initializer:
+        data.externalise(tensor)
+    data.close()
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer) == 3
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the data file was loaded whole")
+
+    monkeypatch.setattr("onnx.external_data_helper.load_external_data_for_model", whole)
+    graph_files.write_graph(model, path, data.path)
+    monkeypatch.setattr("onnx.external_data_helper.load_external_data_for_model", load_external_data_for_model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    loaded = onnx.load(str(path))
+    onnx.checker.check_model(loaded)
+    got = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
+    assert sorted(got) == sorted([*weights, "unused_small"])
+    for name, value in weights.items():
+        assert np.array_equal(got[name], value)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ weights["w0"] @ weights["w1"] @ weights["w2"], rtol=1e-4, atol=1e-3)
+
+
+def test_token_losses_in_slices_equal_the_whole_log_softmax():
+    from qelalora.export.runtime import token_losses
+
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((37, 500)) * 5).astype(np.float32)
+    labels = rng.integers(0, 500, 37)
+    labels[[3, 20, 36]] = -100
+    keep = labels != -100
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), -1).numpy()
+    want = -logp[np.arange(37)[keep], labels[keep]].sum()
+    assert token_losses(logits, labels, positions=5) == pytest.approx(want, rel=1e-5)
+
+
+def test_the_tokenizer_set_aside_writes_the_same_files(llama_run, tmp_path):
+    from qelalora.export.trained import load_trained, set_tokenizer_aside
+
+    run = load_trained(llama_run)
+    run.tokenizer.save_pretrained(tmp_path / "direct")
+    ids = run.tokenizer.pad_token_id, run.tokenizer.eos_token_id
+    set_tokenizer_aside(run, tmp_path / "aside")
+    assert "data" in vars(run)  # tokenised before the tokenizer went
+    assert (run.tokenizer.pad_token_id, run.tokenizer.eos_token_id) == ids
+    run.tokenizer.save_pretrained(tmp_path / "copy")
+    direct = sorted(p.name for p in (tmp_path / "direct").iterdir())
+    assert direct == sorted(p.name for p in (tmp_path / "copy").iterdir()) and "tokenizer.json" in direct
+    for name in direct:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "copy" / name).read_bytes()
