@@ -233,6 +233,12 @@ def _cells(task, methods, ranks, seeds, **kw):
     return [Cell(task, m, r, s, **kw) for s in seeds for r in ranks for m in methods]
 
 
+def _variant_cells(task, methods, ranks, seeds, **kw):
+    from quality import Cell
+
+    return [Cell(task, m, r, s, variant=v, **kw) for s in seeds for r in ranks for m, v in methods]
+
+
 RANK_SUITES = {
     # seed 0 at every rank, then the ends of the curve on seeds 1 and 2 (the noise), then seed 1's middle
     "rank_de": lambda: (_cells("smollm2_de", ["lora"], [1, 4, 16, 64], [0], split="val")
@@ -240,6 +246,11 @@ RANK_SUITES = {
                         + _cells("smollm2_de", ["lora"], [4, 16], [1], split="val")),
     "rank_minilm200": lambda: _cells("minilm200", ["lora"], [1, 4, 16, 64], [0, 1, 2], split="val"),  # seed 0 first
     "rank_de_methods": lambda: _cells("smollm2_de", ["elalora", "fixed"], [4], [0, 1], split="val"),
+    # the four methods where LoRA's curve is steep (r = 1-2), at equal adapter-state bytes; `floor0` lets a round
+    # take a layer out, the only way rank can move at r = 1
+    "rank_minilm200_methods": lambda: _variant_cells(
+        "minilm200", [("lora", "eqbytes"), ("fixed", ""), ("elalora", ""), ("elalora", "floor0"), ("adalora", "")],
+        [1, 2], [0, 1, 2], split="val"),
 }
 
 

@@ -46,6 +46,10 @@ MODELS = {
     "llama-1b-width": (dict(_LLAMA_1B, vocab_size=SMOL_VOCAB), 16, []),
     # Llama-3.2-1B as its recipe states it: its own 128,256-token vocabulary (1.24B)
     "llama-3.2-1b": (dict(_LLAMA_1B, vocab_size=128256), 16, []),
+    # TinyLlama's width at 12 of its 22 layers, SmolLM2's vocabulary: 0.73B parameters, 2.9 GB in fp32
+    "tinyllama-width-12l": (dict(model_type="llama", vocab_size=SMOL_VOCAB, hidden_size=2048, intermediate_size=5632,
+                                 num_hidden_layers=12, num_attention_heads=32, num_key_value_heads=4,
+                                 tie_word_embeddings=False, max_position_embeddings=2048), 12, []),
     "tinyllama-1.1b": (dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                             num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4,
                             tie_word_embeddings=False, max_position_embeddings=2048), 22, []),
