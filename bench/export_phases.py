@@ -52,11 +52,13 @@ class Sampler:
 
     def __init__(self, every: float = 0.02):
         self.high, self.every = rss_mib(), every
+        self.top = self.high  # the whole run's
         threading.Thread(target=self._run, daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            self.high = max(self.high, rss_mib())
+            now = rss_mib()
+            self.high, self.top = max(self.high, now), max(self.top, now)
             time.sleep(self.every)
 
     def reset(self) -> float:
@@ -92,7 +94,7 @@ def measure(run_dir: Path, fmt: str) -> dict:
     started = time.time()
     with tempfile.TemporaryDirectory() as out:
         exporter.export_run(run_dir, Path(out) / "onnx", fmt, overwrite=True, metric_examples=8, log=lambda *a: None)
-    return {"steps_peak_mib": {k: round(v) for k, v in peaks.items()}, "process_peak_mib": round(sampler.reset()),
+    return {"steps_peak_mib": {k: round(v) for k, v in peaks.items()}, "process_peak_mib": round(sampler.top),
             "seconds": round(time.time() - started, 1)}
 
 

@@ -251,6 +251,8 @@ RANK_SUITES = {
     "rank_minilm200_methods": lambda: _variant_cells(
         "minilm200", [("lora", "eqbytes"), ("fixed", ""), ("elalora", ""), ("elalora", "floor0"), ("adalora", "")],
         [1, 2], [0, 1, 2], split="val"),
+    # qelalora's own rank curve with rounds off: moving rank can only pay if its quality moves with rank
+    "rank_minilm200_fixed": lambda: _variant_cells("minilm200", [("fixed", "")], [4, 16], [0, 1, 2], split="val"),
 }
 
 

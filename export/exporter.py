@@ -200,7 +200,7 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
             raise RuntimeError(f"export left data files that no graph references: {[p.name for p in orphans]}")
         write_json_atomic(tmp / SUMMARY, info)
         checked = f"genai-{genai_precision}" if fmt == "genai" else fmt
-        result = parity.check(open_export(tmp, memory_arena=False), ref, checked, examples[:metric_examples])
+        result = parity.check(open_export(tmp), ref, checked, examples[:metric_examples])
         info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
         write_json_atomic(tmp / SUMMARY, info)
         _publish(tmp, out_dir)

@@ -9,14 +9,18 @@ only for the moment it takes to quantise it.
 
 `one_tensor_at_a_time()` keeps transformers' loader (its key renaming, dtype
 rules, quantiser calls and the initialisation of missing weights) and changes
-only how the bytes are read: each tensor through a mapping of its own, copied
-into the process's memory and unmapped at once. The peak of a load becomes the
+only how the bytes are read: each tensor is read from the file into memory of
+its own (on the CPU; elsewhere through a mapping of its own, unmapped at once). The peak of a load becomes the
 NF4 weights, the float tensors that stay float, and the largest single tensor.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import os
+import struct
 
 import torch
 
@@ -36,12 +40,55 @@ class _Slice:
 
 
 def _read_owned(filename: str, name: str, framework: str, device) -> torch.Tensor:
-    """The tensor in memory of its own: the file is mapped for this read only."""
+    """The tensor in memory of its own. On the CPU its bytes are read from the file into a fresh buffer (pages
+    read through a mapping would count in the process's memory until unmapped, doubling the largest tensor's
+    cost while it is copied); elsewhere the file is mapped for this read only."""
+    entry = _header(filename).get(name)
+    if framework == "pt" and str(device) == "cpu" and entry is not None and entry["dtype"] in _DTYPES:
+        return _read_bytes(filename, entry)
     from safetensors import safe_open
 
     with safe_open(filename, framework=framework, device=device) as f:
         tensor = f.get_tensor(name)
     return tensor.clone() if tensor.device.type == "cpu" else tensor  # a CPU tensor may still view the mapping
+
+
+# safetensors' dtype names (little-endian, as the format stores them, and as this reader assumes)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(filename: str) -> dict:
+    """The file's header: tensor name -> dtype, shape and byte offsets in the file (read once per file version)."""
+    stat = os.stat(filename)
+    return _read_header(filename, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_header(filename: str, mtime_ns: int, file_size: int) -> dict:  # the version: its cache key
+    with open(filename, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        entries = json.loads(f.read(size))
+    entries.pop("__metadata__", None)
+    for entry in entries.values():
+        entry["data_offsets"] = [8 + size + o for o in entry["data_offsets"]]
+    return entries
+
+
+def _read_bytes(filename: str, entry: dict) -> torch.Tensor:
+    start, end = entry["data_offsets"]
+    out = torch.empty(end - start, dtype=torch.uint8)
+    view = memoryview(out.numpy())
+    with open(filename, "rb", buffering=0) as f:
+        f.seek(start)
+        done = 0
+        while done < len(view):  # one read returns at most ~2 GiB on Linux
+            got = f.readinto(view[done:])
+            if not got:
+                raise OSError(f"{filename} ends inside a tensor (truncated checkpoint?)")
+            done += got
+    return out.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 class _Reader:
