@@ -214,8 +214,9 @@ def report(rows: list[dict]) -> None:
         if r.get("peak_by") and r.get("returncode") == 0:
             latest[(r["model"], r["step"])] = r
     rows = list(latest.values())
-    print("| model | step | s | peak RSS MiB | peak / fp32 checkpoint | folder MiB | referenced MiB | plan / measured |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | step | s | peak RSS MiB | MiB per billion parameters | peak / fp32 checkpoint | folder MiB | "
+          "referenced MiB | plan / measured |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         mem = r.get("memory") or {}
         ratio = ""
@@ -225,6 +226,7 @@ def report(rows: list[dict]) -> None:
         folder = f"{r['folder_bytes'] / 2**20:,.0f}" if "folder_bytes" in r else ""
         ref = f"{r['referenced_bytes'] / 2**20:,.0f}" if "referenced_bytes" in r else ""
         print(f"| {r['model']} | {r['step']} | {r['seconds']} | {r['peak_rss_bytes'] / 2**20:,.0f} | "
+              f"{r['peak_rss_bytes'] / 2**20 / (r['parameters'] / 1e9):,.0f} | "
               f"{r['peak_rss_bytes'] / r['checkpoint_bytes']:.2f} | {folder} | {ref} | {ratio} |")
 
 
