@@ -253,6 +253,8 @@ RANK_SUITES = {
         [1, 2], [0, 1, 2], split="val"),
     # qelalora's own rank curve with rounds off: moving rank can only pay if its quality moves with rank
     "rank_minilm200_fixed": lambda: _variant_cells("minilm200", [("fixed", "")], [4, 16], [0, 1, 2], split="val"),
+    # the same on German man pages (r = 4 is rank_de_methods'), seed 0 first
+    "rank_de_fixed": lambda: _variant_cells("smollm2_de", [("fixed", "")], [1, 16], [0, 1], split="val"),
 }
 
 
