@@ -34,6 +34,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from variants import _cells  # (method, variant) pairs -> quality.Cell list
+
 CACHE = Path(os.environ.get("QELALORA_BENCH_CACHE", Path.home() / ".cache" / "qelalora-bench"))
 MAN_DE = Path("/usr/share/man/de")
 PACKAGE = "manpages-de"
@@ -227,34 +229,22 @@ PREPARE = {"manpages_de": manpages_de}
 # ---------------------------------------------------------------- suites
 
 
-def _cells(task, methods, ranks, seeds, **kw):
-    from quality import Cell
-
-    return [Cell(task, m, r, s, **kw) for s in seeds for r in ranks for m in methods]
-
-
-def _variant_cells(task, methods, ranks, seeds, **kw):
-    from quality import Cell
-
-    return [Cell(task, m, r, s, variant=v, **kw) for s in seeds for r in ranks for m, v in methods]
-
-
 RANK_SUITES = {
     # seed 0 at every rank, then the ends of the curve on seeds 1 and 2 (the noise), then seed 1's middle
-    "rank_de": lambda: (_cells("smollm2_de", ["lora"], [1, 4, 16, 64], [0], split="val")
-                        + _cells("smollm2_de", ["lora"], [1, 64], [1, 2], split="val")
-                        + _cells("smollm2_de", ["lora"], [4, 16], [1], split="val")),
-    "rank_minilm200": lambda: _cells("minilm200", ["lora"], [1, 4, 16, 64], [0, 1, 2], split="val"),  # seed 0 first
-    "rank_de_methods": lambda: _cells("smollm2_de", ["elalora", "fixed"], [4], [0, 1], split="val"),
+    "rank_de": lambda: (_cells("smollm2_de", [("lora", "")], [1, 4, 16, 64], [0], split="val")
+                        + _cells("smollm2_de", [("lora", "")], [1, 64], [1, 2], split="val")
+                        + _cells("smollm2_de", [("lora", "")], [4, 16], [1], split="val")),
+    "rank_minilm200": lambda: _cells("minilm200", [("lora", "")], [1, 4, 16, 64], [0, 1, 2], split="val"),  # seed 0 first
+    "rank_de_methods": lambda: _cells("smollm2_de", [("elalora", ""), ("fixed", "")], [4], [0, 1], split="val"),
     # the four methods where LoRA's curve is steep (r = 1-2), at equal adapter-state bytes; `floor0` lets a round
     # take a layer out, the only way rank can move at r = 1
-    "rank_minilm200_methods": lambda: _variant_cells(
+    "rank_minilm200_methods": lambda: _cells(
         "minilm200", [("lora", "eqbytes"), ("fixed", ""), ("elalora", ""), ("elalora", "floor0"), ("adalora", "")],
         [1, 2], [0, 1, 2], split="val"),
     # qelalora's own rank curve with rounds off: moving rank can only pay if its quality moves with rank
-    "rank_minilm200_fixed": lambda: _variant_cells("minilm200", [("fixed", "")], [4, 16], [0, 1, 2], split="val"),
+    "rank_minilm200_fixed": lambda: _cells("minilm200", [("fixed", "")], [4, 16], [0, 1, 2], split="val"),
     # the same on German man pages (r = 4 is rank_de_methods'), seed 0 first
-    "rank_de_fixed": lambda: _variant_cells("smollm2_de", [("fixed", "")], [1, 16], [0, 1], split="val"),
+    "rank_de_fixed": lambda: _cells("smollm2_de", [("fixed", "")], [1, 16], [0, 1], split="val"),
 }
 
 

@@ -10,8 +10,9 @@ only for the moment it takes to quantise it.
 `one_tensor_at_a_time()` keeps transformers' loader (its key renaming, dtype
 rules, quantiser calls and the initialisation of missing weights) and changes
 only how the bytes are read: each tensor is read from the file into memory of
-its own (on the CPU; elsewhere through a mapping of its own, unmapped at once). The peak of a load becomes the
-NF4 weights, the float tensors that stay float, and the largest single tensor.
+its own (on the CPU; elsewhere through a mapping of its own, unmapped at
+once). The peak of a load becomes the NF4 weights, the float tensors that
+stay float, and the largest single tensor.
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def _read_bytes(filename: str, entry: dict) -> torch.Tensor:
 
 
 class _Reader:
-    """A stand-in for `safe_open` whose tensors are read through short-lived mappings (the header through the
-    long-lived one, which is never paged in beyond it)."""
+    """A stand-in for `safe_open` whose tensors are read one at a time into memory of their own (`_read_owned`);
+    names, shapes and dtypes come through the long-lived `safe_open`, which is never paged in beyond the header."""
 
     def __init__(self, filename, framework: str = "pt", device="cpu"):
         from safetensors import safe_open
