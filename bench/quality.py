@@ -56,7 +56,7 @@ TASKS = {
     "smollm2": dict(recipe="smollm2-135m-python-docs", steps=80, batch=4, lr=5e-4, warmup=0.05,
                     t_init=0.15, t_final=0.3, delta=4, b0=12, eval_batch=8, metric="perplexity",
                     data={"test_size": 100, "val_size": 100, "max_train_examples": 2000}),
-    # Rank-sensitivity candidates (bench/rank_tasks.py; issue #25): a small-data regime of the MiniLM task
+    # Rank-sensitivity candidates (bench/rank_tasks.py): a small-data regime of the MiniLM task
     # (the same validation and test snippets, 200 training snippets, 12 epochs) and SmolLM2 on German man pages.
     "minilm200": dict(recipe="minilm-l6-rotten-tomatoes", steps=150, batch=16, lr=1e-3, warmup=0.06,
                       t_init=0.15, t_final=0.3, delta=5, b0=4, eval_batch=64, metric="accuracy",

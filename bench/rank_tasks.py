@@ -1,4 +1,4 @@
-"""Tasks where quality may rise with LoRA rank (issue #25), and the suites that check it.
+"""Tasks where quality may rise with LoRA rank, and the suites that check it.
 
 German manual pages (`smollm2_de` in bench/quality.py's TASKS): Debian's `manpages-de` holds
 German translations of ~1,300 man pages, text far from SmolLM2's pretraining. The builder
@@ -20,6 +20,7 @@ Suites (validation split; PEFT LoRA's rank curve says whether rank matters on a 
                      seeds 0-2 (a cell takes about 2 min, so the seeds show the noise)
   rank_de_methods    qelalora with rank rounds (elalora) and without (fixed) at r = 4 on German man pages,
                      seed 0, then seed 1
+  rank_*_test        the four methods at equal adapter-state bytes, r = 2, 3 seeds, on the test split
 """
 
 from __future__ import annotations
@@ -229,6 +230,8 @@ PREPARE = {"manpages_de": manpages_de}
 # ---------------------------------------------------------------- suites
 
 
+_TEST_METHODS = [("lora", "eqbytes"), ("fixed", ""), ("elalora", ""), ("adalora", "")]
+
 RANK_SUITES = {
     # seed 0 at every rank, then the ends of the curve on seeds 1 and 2 (the noise), then seed 1's middle
     "rank_de": lambda: (_cells("smollm2_de", [("lora", "")], [1, 4, 16, 64], [0], split="val")
@@ -245,6 +248,10 @@ RANK_SUITES = {
     "rank_minilm200_fixed": lambda: _cells("minilm200", [("fixed", "")], [4, 16], [0, 1, 2], split="val"),
     # the same on German man pages (r = 4 is rank_de_methods'), seed 0 first
     "rank_de_fixed": lambda: _cells("smollm2_de", [("fixed", "")], [1, 16], [0, 1], split="val"),
+    # the equal-byte comparison on the test split, read once: r = 2, on the steep part of both tasks' validation
+    # curves (LoRA gains most from r = 1 to 4 on both), every method at its defaults; seed 0 first
+    "rank_minilm200_test": lambda: _cells("minilm200", _TEST_METHODS, [2], [0, 1, 2]),
+    "rank_de_test": lambda: _cells("smollm2_de", _TEST_METHODS, [2], [0, 1, 2]),
 }
 
 
