@@ -32,7 +32,8 @@ import torch
 
 from qelalora.export.exporter import FORMATS, export_run
 from qelalora.export.quantise import HEADS, INT4_ALGOS, WeightOnly
-from qelalora.export.runtime import SUMMARY, EdgeModel, GenaiModel, open_export
+from qelalora.export.layout import SUMMARY, format_info
+from qelalora.export.runtime import EdgeModel, GenaiModel, open_export
 from qelalora.export.trained import heldout_examples, load_trained
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -165,7 +166,7 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
         folder = out_root / f"{run_dir.name}-{label.replace('[', '-').replace(']', '').replace(',', '-')}"
         settings = {"genai_precision": quant} if fmt == "genai" else {"quant": quant}
         if reuse and (folder / SUMMARY).is_file():  # exported and checked by an earlier run with these settings
-            info = json.loads((folder / SUMMARY).read_text())
+            info = format_info(folder, fmt)
         else:
             info = export_run(run_dir, folder, fmt, overwrite=True, metric_examples=metric_examples[run.task],
                               log=lambda *a: None, **settings)
@@ -174,7 +175,7 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
             step = genai_decode_step(edge, prompt, repeats) if fmt == "genai" else edge_decode_step(edge, prompt)
             times = {"prefill_128": median_time(lambda: edge.logits([prompt]), repeats),
                      "decode_token": median_time(step, repeats)}
-            read = weight_bytes(folder / "model.onnx")
+            read = weight_bytes(folder / info["file"])
             times["bandwidth_bound_s"] = read / bandwidth
             times["decode_vs_bound"] = times["decode_token"] / times["bandwidth_bound_s"]
             times["weight_bytes_read_per_token"] = read
@@ -184,7 +185,7 @@ def bench_run(run_dir: Path, out_root: Path, repeats: int, bandwidth: float, met
         ratios = {k: times[k] / torch_times[k] for k in torch_times}
         parity = info["parity"]
         result["formats"][label] = {
-            "bytes": sum(info["files"][n] for n in info["files"] if n.startswith("model.onnx") or n.endswith(".onnx_adapter")),
+            "bytes": sum(v for n, v in info["files"].items() if n.startswith(("onnx/", "model.onnx"))),  # graph, data, adapter
             "ort_s": times,
             "ratio_to_pytorch_nf4": ratios,
             "max_abs_logit_diff": parity["max_abs_logit_diff"],

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from qelalora.export.quantise import WeightOnly, quantise_weights  # noqa: E402
-from qelalora.export.runtime import SUMMARY, EdgeModel  # noqa: E402
+from qelalora.export.layout import format_info  # noqa: E402
+from qelalora.export.runtime import EdgeModel  # noqa: E402
 from qelalora.export.trained import heldout_examples, load_trained, seeded_sample  # noqa: E402
 from qelalora.run.data import evaluate  # noqa: E402
 
@@ -47,20 +48,21 @@ def main() -> None:
     run = load_trained(args.run)
     examples = heldout_examples(run, args.examples) if args.split == "test" else seeded_sample(run.data.val, args.examples)
     if args.split == "test":
-        reference = json.loads((args.fp32 / SUMMARY).read_text())["parity"]["metric_pytorch"]
+        reference = format_info(args.fp32, "merged-fp32")["parity"]["metric_pytorch"]
     else:
         with torch.no_grad():
             reference = evaluate(run.model, examples, run.task, 8, run.data.pad_id, "cpu")["perplexity"]
-    fp32_bytes = (args.fp32 / "model.onnx").stat().st_size
+    graph = format_info(args.fp32, "merged-fp32")["file"]
+    fp32_bytes = (args.fp32 / graph).stat().st_size
     for config in args.configs:
         eight = () if config == "none" else KINDS if config == "all" else tuple(config.split("+"))
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "graph"
             shutil.copytree(args.fp32, folder)
             started = time.time()
-            quantise_weights(folder / "model.onnx", 4, WeightOnly(int8_layers=eight, embeddings=args.embeddings))
+            quantise_weights(folder / graph, 4, WeightOnly(int8_layers=eight, embeddings=args.embeddings))
             seconds = time.time() - started
-            size = (folder / "model.onnx").stat().st_size
+            size = (folder / graph).stat().st_size
             perplexity = EdgeModel(folder).evaluate(examples)["perplexity"]
         row = {"config": config, "int8_layers": list(eight), "split": args.split, "embeddings": args.embeddings,
                "perplexity": perplexity, "pytorch_nf4": reference, "ratio": perplexity / reference, "bytes": size, "x_fp32": size / fp32_bytes,

@@ -20,19 +20,19 @@ import torch
 
 from qelalora.base.footprint import release_free_heap
 from qelalora.errors import RunDirError, UserError
-from qelalora.run.checkpoint import write_json_atomic
+from qelalora.atomic import write_json_atomic
 
-from . import genai, graphs, parity, streamed
-from .graph_files import unreferenced_files, write_graph
+from . import genai, graphs, layout, parity, streamed
+from .graph_files import move_graph, unreferenced_files, write_graph
+from .layout import ADAPTER_FILE, SUMMARY
 from .modules import branch_matrices, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
-from .runtime import SUMMARY, open_export
+from .runtime import open_export
 from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
 from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample, set_tokenizer_aside
 
 FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters", "swappable",
            "genai")
-ADAPTER_FILE = "adapter.onnx_adapter"
 
 
 def _example_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -125,7 +125,8 @@ def _build_nf4_graph(run: TrainedRun, fmt: str, folder: Path, example: dict, cau
 
 
 def _sizes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+    """Every file of the folder by its path in it (shared files and the format's own)."""
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def export_run(
@@ -143,8 +144,7 @@ def export_run(
     """Export a finished run in one format, check it, and return the summary."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise RunDirError(f"{out_dir} already exists and is not empty; pass --overwrite to replace it")
+    layout.check_destination(out_dir, fmt, run_dir, overwrite)  # before the work, not only after it
     quant.check(fmt)
     started = time.time()
     run = load_trained(run_dir)
@@ -155,7 +155,7 @@ def export_run(
         ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples],
                                        run.tokenizer.eos_token_id, Path(reference))
         info, result = _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant,
-                                       metric_examples, log, genai_precision, started)
+                                       metric_examples, log, genai_precision, started, overwrite)
     log(f"exported {fmt} to {out_dir}: {sum(_sizes(out_dir).values()) / 2**20:.2f} MiB; max |logit diff| "
         f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
         f"(PyTorch {result['metric_pytorch']:.4g})"
@@ -164,8 +164,9 @@ def export_run(
 
 
 def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant, metric_examples, log,
-                    genai_precision, started) -> tuple[dict, dict]:
-    """Prune, build the format in a temporary folder, check it against the reference, and put it in place."""
+                    genai_precision, started, overwrite) -> tuple[dict, dict]:
+    """Prune, build the format in a temporary folder (in the Hub layout), check it against the reference, and put
+    it in place (a new folder, or a precision added to the run's folder)."""
     pruned = prune_adapters(run.layers, prune_threshold)
     log(f"pruned: total rank {sum(pruned.ranks_before.values())} -> {sum(pruned.ranks_after.values())}, "
         f"adapter weights {pruned.bytes_before / 1024:.1f} -> {pruned.bytes_after / 1024:.1f} KiB"
@@ -178,42 +179,57 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
             genai.build(run, tmp, genai_precision, _edge_config(run))
         else:
             applied = _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
+            move_graph(tmp / "model.onnx", tmp / layout.graph_file(fmt))
+            if fmt == "swappable":
+                (tmp / ADAPTER_FILE).replace(tmp / layout.GRAPH_DIR / ADAPTER_FILE)
             run.tokenizer.save_pretrained(tmp)
             _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
-        info = {
-            "format": fmt,
-            **({"precision": genai_precision} if fmt == "genai" else {}),
+        shared = {
             "task": run.task,
-            "base_model": run.recipe.model.name,
+            "base_model": _public(run.recipe.model.name),
             "num_labels": run.recipe.model.num_labels if run.task == "seq-cls" else None,
             "label_names": run.label_names,
             "eos_token_id": run.tokenizer.eos_token_id,
             "pad_token_id": pad,
-            "data": run.recipe.to_dict()["data"],
-            "prune": pruned.to_dict(),
+            "data": _public_data(run.recipe.to_dict()["data"]),
             "ranks": {n: l.rank for n, l in run.layers.items()},
+            "run": run_dir.name,
+            "run_fingerprint": layout.run_fingerprint(run_dir),
+        }
+        entry = {
+            "file": layout.graph_file(fmt),
+            "adapter": f"{layout.GRAPH_DIR}/{ADAPTER_FILE}" if fmt == "swappable" else None,
+            **({"precision": genai_precision} if fmt == "genai" else {}),
+            "prune": pruned.to_dict(),
             "weight_only": applied.to_dict(4 if fmt == "merged-int4" else 8) if applied else None,
-            "run_dir": str(run_dir),
         }
         orphans = unreferenced_files(tmp)
         if orphans:  # a data file no graph references would be copied to the device for nothing
             raise RuntimeError(f"export left data files that no graph references: {[p.name for p in orphans]}")
-        write_json_atomic(tmp / SUMMARY, info)
+        write_json_atomic(tmp / SUMMARY, {**shared, "formats": {fmt: entry}})
+        if fmt != "genai":
+            layout.write_transformers_js_config(tmp, {fmt: entry})
         checked = f"genai-{genai_precision}" if fmt == "genai" else fmt
-        result = parity.check(open_export(tmp), ref, checked, examples[:metric_examples])
-        info.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
-        write_json_atomic(tmp / SUMMARY, info)
-        _publish(tmp, out_dir)
+        result = parity.check(open_export(tmp, fmt=fmt), ref, checked, examples[:metric_examples])
+        entry.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
+        write_json_atomic(tmp / SUMMARY, {**shared, "formats": {fmt: entry}})
+        layout.publish(tmp, out_dir, fmt, run_dir, overwrite)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return info, result
+    return {**shared, **entry, "format": fmt}, result
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Put a checked export in place of `out_dir` (replacing an old one: --overwrite was checked first)."""
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+def _public(value):
+    """A local path's last part (an exported folder names no place on the machine that wrote it); else as is."""
+    return Path(value).name if isinstance(value, str) and Path(value).is_absolute() else value
+
+
+def _public_data(section: dict) -> dict:
+    """The run's data section without local paths (`qelalora eval --data` points at the data where it is)."""
+    out = {k: _public(v) for k, v in section.items()}
+    if isinstance(section.get("splits"), dict):
+        out["splits"] = {k: _public(v) for k, v in section["splits"].items()}
+    return out
 
 
 def _edge_config(run):
@@ -224,6 +240,7 @@ def _edge_config(run):
         if hasattr(config, key):
             delattr(config, key)
     config.architectures = [type(run.model).__name__]
+    config._name_or_path = _public(config._name_or_path)
     return config
 
 

@@ -104,3 +104,27 @@ def unreferenced_files(folder: Path) -> list[Path]:
     referenced = set().union(*(referenced_files(g) for g in folder.rglob("*.onnx")))
     data = [p for p in folder.rglob("*") if p.is_file() and (p.name.endswith((".onnx_data", ".onnx.data", ".data")))]
     return sorted(p for p in data if p not in referenced)
+
+
+def move_graph(src: Path, dst: Path) -> None:
+    """Move a graph to `dst`, its data file (if any) to `<dst>_data`, and point the graph's tensors at the new
+    data file's name. Only the graph's proto is rewritten (without its weights); the data file is renamed."""
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    data = src.with_name(src.name + "_data")
+    if not data.is_file():
+        src.replace(dst)
+        return
+    proto = onnx.load(str(src), load_external_data=False)
+    new_data = dst.with_name(dst.name + "_data")
+    for tensor in _get_all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = new_data.name
+    partial = dst.with_name(f".{dst.name}.partial")
+    onnx.save(proto, str(partial))
+    data.replace(new_data)
+    partial.replace(dst)
+    src.unlink()

@@ -1,15 +1,15 @@
 """Running an exported folder with ONNX Runtime alone: no torch import on this path.
 
-An export folder holds `model.onnx`, `tokenizer.json`, `qelalora_export.json`
-(format, task, labels, the run's data section) and, for the swappable format,
-`adapter.onnx_adapter`. Decoders are run with their KV cache (optimum's input
-layout: input_ids, attention_mask, position_ids, past_key_values.N.key/value).
+An export folder (`layout`: the Hub layout) holds `tokenizer.json`, `qelalora_export.json`
+(task, labels, the run's data section, one entry per format) and one graph per precision
+under `onnx/`; the swappable format's `adapter.onnx_adapter` sits beside its graph.
+Decoders are run with their KV cache (optimum's input layout: input_ids,
+attention_mask, position_ids, past_key_values.N.key/value).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from qelalora.errors import UserError
 
-SUMMARY = "qelalora_export.json"
+from .layout import format_info
 
 
 def empty_past(inputs: dict, batch: int) -> dict[str, np.ndarray]:
@@ -53,12 +53,6 @@ class EdgeTokenizer:
         return self.tok.decode(ids, skip_special_tokens=True)
 
 
-def _summary(folder: Path) -> dict:
-    if not (folder / SUMMARY).is_file() or not (folder / "model.onnx").is_file():
-        raise UserError(f"{folder} is not a qelalora export (needs model.onnx and {SUMMARY}); run qelalora export first")
-    return json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
-
-
 def token_losses(logits: np.ndarray, labels: np.ndarray, positions: int = 16) -> float:
     """The summed cross-entropy of `labels` (-100: not counted) under `logits` [positions, vocab], a few positions
     at a time, so that a 262k-token vocabulary's temporaries stay small."""
@@ -72,10 +66,12 @@ def token_losses(logits: np.ndarray, labels: np.ndarray, positions: int = 16) ->
     return total
 
 
-def open_export(folder: Path, threads: int | None = None):
-    """The runner for an export folder: ONNX Runtime for the ONNX formats, ONNX Runtime GenAI for `genai`."""
+def open_export(folder: Path, threads: int | None = None, fmt: str | None = None):
+    """The runner for one format of an export folder (without `fmt`: its only one, or the one transformers.js
+    opens by default): ONNX Runtime for the ONNX formats, ONNX Runtime GenAI for `genai`."""
     folder = Path(folder)
-    return GenaiModel(folder) if _summary(folder).get("format") == "genai" else EdgeModel(folder, threads)
+    info = format_info(folder, fmt)
+    return GenaiModel(folder) if info["format"] == "genai" else EdgeModel(folder, threads, info["format"])
 
 
 class Runner:
@@ -137,10 +133,10 @@ def _run_options() -> ort.RunOptions:
 class EdgeModel(Runner):
     """An exported ONNX graph, ready for classification, generation and evaluation."""
 
-    def __init__(self, folder: Path, threads: int | None = None):
+    def __init__(self, folder: Path, threads: int | None = None, fmt: str | None = None):
         folder = Path(folder)
         self.folder = folder
-        self.info = _summary(folder)
+        self.info = format_info(folder, fmt)
         if self.info.get("format") == "genai":
             raise UserError(f"{folder} is an ONNX Runtime GenAI folder: open it with open_export (GenaiModel)")
         self.task = self.info["task"]
@@ -148,12 +144,11 @@ class EdgeModel(Runner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / self.info["file"]), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.run_options = _run_options()
-        adapter = folder / "adapter.onnx_adapter"
-        if adapter.is_file():
-            self.use_adapter(adapter)
+        if self.info.get("adapter"):
+            self.use_adapter(folder / self.info["adapter"])
         self.pad_id = self.info.get("pad_token_id") or 0
         self.has_cache = any(n.startswith("past_key_values.") for n in self.inputs)
 
@@ -240,7 +235,7 @@ class GenaiModel(Runner):
         except ImportError:
             raise UserError(f"{folder} is an ONNX Runtime GenAI folder: pip install 'qelalora[genai]' to run it") from None
         self.og, self.folder = og, Path(folder)
-        self.info = _summary(self.folder)
+        self.info = format_info(self.folder, "genai")
         self.task = self.info["task"]
         self.model = og.Model(str(self.folder))
 

@@ -263,8 +263,8 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 (weight-only) | merged-int8-dynamic | nf4-adapters | swappable | genai (ONNX Runtime GenAI folder, decoders)")] = "nf4-adapters",
     genai_precision: Annotated[str, typer.Option(help="genai: int4-mixed (the default: the builder's fp32 graph with merged-int4's decoder mix; SmolLM2 perplexity 1.05x), int4 (the builder's own, 1.6x) or fp32 (fp16 graphs do not run on ONNX Runtime GenAI's CPU provider).")] = "int4-mixed",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN_DIR/onnx-FORMAT).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN_DIR/onnx; genai: RUN_DIR/onnx-genai). Precisions of one run share a folder: config.json and the tokenizer at the top, one graph each under onnx/ (the Hub and transformers.js layout).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace this precision in the output folder, or the whole folder when it holds something else.")] = False,
     prune_threshold: Annotated[float, typer.Option(help="Drop triplets whose update has spectral norm below this.")] = 1e-6,
     int4_algo: Annotated[str, typer.Option(help="Weight-only algorithm of merged-int4: rtn | hqq | k-quant | gptq (calibrated on the run's training examples).")] = "rtn",
     int4_block_size: Annotated[int, typer.Option(help="Block size of merged-int4 / merged-int8 (MatMulNBits).")] = 32,
@@ -280,7 +280,9 @@ def export(
 
     Examples:
 
-      qelalora export runs/mine --format merged-int4
+      qelalora export runs/mine --format merged-int4      (runs/mine/onnx/onnx/model_q4.onnx)
+
+      qelalora export runs/mine --format merged-fp32      (adds runs/mine/onnx/onnx/model.onnx beside it)
 
       qelalora export runs/mine -f merged-int4 --int4-algo gptq --accuracy-level 4
 
@@ -303,7 +305,7 @@ def export(
 
     eight = None if int8_layers is None else tuple(n.strip() for n in int8_layers.split(",") if n.strip() not in ("", "none"))
     quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings, eight)
-    export_run(run_dir, out or run_dir / f"onnx-{format_}", format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
+    export_run(run_dir, out or run_dir / ("onnx-genai" if format_ == "genai" else "onnx"), format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
                genai_precision=genai_precision)
 
 
@@ -313,18 +315,21 @@ def infer(
     texts: Annotated[list[str], typer.Argument(help="Texts to classify, or prompts to continue.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate (decoders).")] = 32,
     adapter: Annotated[Optional[Path], typer.Option(help="An .onnx_adapter to activate (swappable exports).")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", "-f", help="Which precision of a folder that holds several (default: the one transformers.js opens, the smallest).")] = None,
 ):
     """Classify texts or generate text with ONNX Runtime only (no PyTorch); genai folders with ONNX Runtime GenAI.
 
     Examples:
 
-      qelalora infer runs/mine/onnx-merged-int4 "a warm, funny film" "a dull mess"
+      qelalora infer runs/mine/onnx "a warm, funny film" "a dull mess"
+
+      qelalora infer runs/mine/onnx -f merged-fp32 "a warm, funny film"
 
       qelalora infer edge/model --adapter edge/other.onnx_adapter "def add(a, b):"
     """
     from .export.runtime import open_export
 
-    model = open_export(onnx_dir)
+    model = open_export(onnx_dir, fmt=format_)
     if adapter is not None:
         model.use_adapter(adapter)
     if model.task == "seq-cls":
@@ -342,25 +347,30 @@ def evaluate_onnx(
     split: Annotated[str, typer.Option(help="test | val | train split of that data.")] = "test",
     limit: Annotated[Optional[int], typer.Option(help="Evaluate at most this many examples.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="An .onnx_adapter to activate.")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", "-f", help="Which precision of a folder that holds several (default: the smallest).")] = None,
 ):
     """Accuracy (classification) or perplexity (causal LM) with ONNX Runtime only (genai folders: ONNX Runtime GenAI).
 
     Examples:
 
-      qelalora eval runs/mine/onnx-nf4-adapters
+      qelalora eval runs/mine/onnx -f nf4-adapters
 
       qelalora eval edge/model --data reviews.csv --split test --limit 500
     """
     from .export.runtime import open_export
     from .run.recipe import DataSection
-    from .run.records import load_task_data
+    from .run.records import BUILTIN, load_task_data
+    from .run.sources import HUB_PREFIX
 
-    model = open_export(onnx_dir)
+    model = open_export(onnx_dir, fmt=format_)
     if adapter is not None:
         model.use_adapter(adapter)
     section = DataSection(**model.info["data"])
     if data is not None:
         section.source, section.splits = data, None  # the recipe's split files belong to its own data
+    elif not (section.source in BUILTIN or section.source.startswith(HUB_PREFIX) or Path(section.source).exists()):
+        # an export names its data by file name only (no paths of the machine that wrote it)
+        raise UserError(f"this export was trained on {section.source}; pass --data PATH to that file (or to other data)")
     if split not in ("test", "val", "train"):
         raise UserError(f"--split must be test, val or train, got {split!r}")
     examples = getattr(load_task_data(section, model.task, model.tokenizer, model.info.get("num_labels") or 2), split)

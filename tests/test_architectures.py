@@ -88,5 +88,5 @@ def test_train_resume_and_export(family_dir, tmp_path, capsys):
     # export: the bit-faithful format, checked against PyTorch
     code, out, err = run_cli(capsys, "export", str(run), "--format", "nf4-adapters", "-o", str(tmp_path / "onnx"))
     assert code == 0, err
-    info = json.loads((tmp_path / "onnx" / "qelalora_export.json").read_text())
+    info = json.loads((tmp_path / "onnx" / "qelalora_export.json").read_text())["formats"]["nf4-adapters"]
     assert info["parity"]["max_abs_logit_diff"] <= 1e-3 * info["parity"]["logit_scale"]

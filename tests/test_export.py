@@ -17,6 +17,13 @@ from qelalora.export.runtime import EdgeModel
 from tests.cli_helpers import run_cli, write_cls_data, write_lm_data, write_recipe
 
 
+def _graph(folder):
+    """The graph file of the folder's format (its only one, or transformers.js's default)."""
+    from qelalora.export.layout import format_info
+
+    return folder / format_info(folder)["file"]
+
+
 def _train(tmp_path_factory, name, model_dir, causal, **elalora):
     folder = tmp_path_factory.mktemp(name)
     data = write_lm_data(folder / "d.jsonl") if causal else write_cls_data(folder / "d.jsonl")
@@ -64,10 +71,10 @@ def test_every_format_exports_and_passes_parity(fmt, arch, request, tmp_path):
         assert parity["metric"] in ("accuracy", "perplexity") and np.isfinite(parity["metric_delta"])
     if arch == "llama" and THRESHOLDS[fmt] is not None and THRESHOLDS[fmt] <= 1e-3:
         assert parity["greedy_tokens_equal"]
-    files = json.loads((tmp_path / "out" / "qelalora_export.json").read_text())["files"]
-    assert "model.onnx" in files and "tokenizer.json" in files
-    assert (fmt == "swappable") == ((tmp_path / "out" / "adapter.onnx_adapter").is_file())
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node}
+    files = json.loads((tmp_path / "out" / "qelalora_export.json").read_text())["formats"][fmt]["files"]
+    assert info["file"] in files and "tokenizer.json" in files and "config.json" in files
+    assert (fmt == "swappable") == ((tmp_path / "out" / "onnx" / "adapter.onnx_adapter").is_file())
+    ops = {n.op_type for n in onnx.load(str(_graph(tmp_path / "out"))).graph.node}
     assert ("MatMulBnb4" in ops) == (fmt in ("nf4-adapters", "swappable"))
     assert ("MatMulNBits" in ops) == (fmt in ("merged-int4", "merged-int8"))
 
@@ -75,7 +82,8 @@ def test_every_format_exports_and_passes_parity(fmt, arch, request, tmp_path):
 def test_int4_is_smaller_than_fp32(bert_run, tmp_path):
     sizes = {}
     for fmt in ("merged-fp32", "merged-int4"):
-        sizes[fmt] = export_run(bert_run, tmp_path / fmt, fmt, log=lambda *a: None)["files"]["model.onnx"]
+        info = export_run(bert_run, tmp_path / fmt, fmt, log=lambda *a: None)
+        sizes[fmt] = info["files"][info["file"]]
     assert sizes["merged-int4"] < 0.6 * sizes["merged-fp32"]
 
 
@@ -90,7 +98,7 @@ def test_layer_at_rank_zero_leaves_no_branch(bert_run, tmp_path):
     save_file(tensors, run / "adapter" / "adapter.safetensors", {"format": "qelalora-elalora-1"})
     info = export_run(run, tmp_path / "out", "nf4-adapters", log=lambda *a: None)
     assert info["ranks"][dead] == 0 and dead in info["prune"]["removed_layers"]
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    graph = onnx.load(str(_graph(tmp_path / "out"))).graph
     names = {i.name for i in graph.initializer}
     assert f"model.{dead}.absmax" in names  # its base is there, in NF4 (the traced wrapper holds the model as `model`)
     # every base linear is a MatMulBnb4 and the heads are Gemm: the only MatMul weights are the branches, two per live layer
@@ -130,7 +138,7 @@ def test_decoder_export_generates_like_pytorch_through_optimum(llama_run, tmp_pa
     from qelalora.export.trained import load_trained
 
     export_run(llama_run, tmp_path / "out", "nf4-adapters", log=lambda *a: None)
-    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "out")
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "out", subfolder="onnx", file_name="model_bnb4.onnx")
     trained = load_trained(llama_run)
     prompt = torch.tensor([[5, 17, 33, 8, 40, 12]])
     with torch.no_grad():
@@ -151,14 +159,15 @@ def test_infer_and_eval_do_not_import_torch(bert_run, tmp_path):
     code = (
         "import sys\n"
         "from qelalora.cli import main\n"
-        "for args in (['infer', sys.argv[1], 'good great film', 'dull boring weak'], ['eval', sys.argv[1]]):\n"
+        "for args in (['infer', sys.argv[1], 'good great film', 'dull boring weak'], ['eval', sys.argv[1], '--data', sys.argv[2]]):\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit as e:\n"
         "        assert not e.code, e.code\n"
         "print('torch imported:', 'torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    data = str(bert_run.parent / "d.jsonl")  # the export names its data by file name only
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out"), data], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[-1] == "torch imported: False"
@@ -200,7 +209,7 @@ def test_encoder_export_opens_with_optimum_and_names_its_task(bert_run, tmp_path
     assert "quantization_config" not in config  # the graph holds no bitsandbytes weights
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert set(config["id2label"]) == {"0", "1"} and set(config["label2id"].values()) == {0, 1}
-    ort_model = ORTModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    ort_model = ORTModelForSequenceClassification.from_pretrained(tmp_path / "out", subfolder="onnx", file_name="model.onnx")
     trained = load_trained(bert_run)
     batch = collate(heldout_examples(trained, 8), 0)
     with torch.no_grad():
@@ -232,7 +241,7 @@ def test_weight_only_algorithms_stay_close_to_pytorch(arch, request, tmp_path):
         parity = info["parity"]
         rel[fmt, algo] = parity["max_abs_logit_diff"] / parity["logit_scale"]
         assert info["weight_only"]["algo"] == algo and info["weight_only"]["bits"] == (8 if fmt == "merged-int8" else 4)
-        ops = {n.op_type for n in onnx.load(str(tmp_path / f"{fmt}-{algo}" / "model.onnx")).graph.node}
+        ops = {n.op_type for n in onnx.load(str(_graph(tmp_path / f"{fmt}-{algo}"))).graph.node}
         assert "MatMulNBits" in ops
     print(arch, {f"{f}/{a}": round(v, 4) for (f, a), v in rel.items()})
     assert rel["merged-int8", "rtn"] < 0.02
@@ -249,7 +258,7 @@ def test_the_output_projection_can_stay_float_or_take_8_bits(arch, request, tmp_
     for head in HEADS:
         folder = tmp_path / head
         info = export_run(run, folder, "merged-int4", quant=WeightOnly(head=head, embeddings=False, int8_layers=()), log=lambda *a: None)
-        graph = onnx.load(str(folder / "model.onnx"))
+        graph = onnx.load(str(_graph(folder)))
         assert info["weight_only"]["head"] == head
         nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
         bits[head] = sorted({a.i for n in nbits for a in n.attribute if a.name == "bits"})
@@ -278,7 +287,7 @@ def test_merged_int4_defaults_per_task(arch, request, tmp_path):
     measured mix); encoders: every MatMul at 4 bits."""
     run = request.getfixturevalue(f"{arch}_run")
     info = export_run(run, tmp_path / "default", "merged-int4", log=lambda *a: None)
-    graph = onnx.load(str(tmp_path / "default" / "model.onnx")).graph
+    graph = onnx.load(str(_graph(tmp_path / "default"))).graph
     bits = _bits_by_layer_kind(graph)
     quant = info["weight_only"]
     if arch == "llama":
@@ -299,11 +308,11 @@ def test_int4_embeddings_quantise_the_table_lookup_too(llama_run, tmp_path, caps
     plain = export_run(llama_run, tmp_path / "plain", "merged-int4", quant=WeightOnly(head="same", embeddings=False, int8_layers=()), log=lambda *a: None)
     info = export_run(llama_run, tmp_path / "emb", "merged-int4", quant=WeightOnly(head="same", embeddings=True, int8_layers=()),
                       log=lambda *a: None)
-    graph = onnx.load(str(tmp_path / "emb" / "model.onnx")).graph
+    graph = onnx.load(str(_graph(tmp_path / "emb"))).graph
     tables = {t.name for t in graph.initializer}
     assert "GatherBlockQuantized" in [n.op_type for n in graph.node]
     assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]  # no float table lookup left
-    assert info["weight_only"]["embeddings"] and info["files"]["model.onnx"] < plain["files"]["model.onnx"]
+    assert info["weight_only"]["embeddings"] and info["files"][info["file"]] < plain["files"][plain["file"]]
     assert info["parity"]["metric_onnx"] < 1.5 * info["parity"]["metric_pytorch"]  # the tiny model still predicts
     code, _, err = run_cli(capsys, "export", str(llama_run), "-f", "merged-int8", "--int4-embeddings", "-o", str(tmp_path / "x"))
     assert code != 0 and "--int4-embeddings applies to merged-int4" in err
@@ -313,7 +322,7 @@ def test_int8_layers_make_a_mixed_int4_file(llama_run, tmp_path, capsys):
     from qelalora.export.quantise import WeightOnly
 
     def bits_by_layer(folder):
-        return _bits_by_layer_kind(onnx.load(str(folder / "model.onnx")).graph)
+        return _bits_by_layer_kind(onnx.load(str(_graph(folder))).graph)
 
     plain = export_run(llama_run, tmp_path / "plain", "merged-int4", quant=WeightOnly(head="same", embeddings=False, int8_layers=()), log=lambda *a: None)
     info = export_run(llama_run, tmp_path / "mixed", "merged-int4",
@@ -321,7 +330,7 @@ def test_int8_layers_make_a_mixed_int4_file(llama_run, tmp_path, capsys):
     assert bits_by_layer(tmp_path / "mixed") == {"q_proj": {4}, "k_proj": {4}, "v_proj": {4}, "o_proj": {4},
                                                  "gate_proj": {4}, "up_proj": {4}, "down_proj": {8}, "lm_head": {8}}
     assert info["weight_only"]["int8_layers"] == ["down_proj", "lm_head"]
-    assert plain["files"]["model.onnx"] < info["files"]["model.onnx"]
+    assert plain["files"][plain["file"]] < info["files"][info["file"]]
     assert info["parity"]["metric_onnx"] < 1.5 * info["parity"]["metric_pytorch"]  # the tiny model still predicts
     floaty = export_run(llama_run, tmp_path / "float-head", "merged-int4",
                         quant=WeightOnly(int8_layers=("down_proj",), head="float", embeddings=False), log=lambda *a: None)
@@ -360,7 +369,7 @@ def test_genai_folder_matches_pytorch_and_runs_in_infer_and_eval(genai_llama_run
     assert abs(p["metric_delta"]) < 1e-4 * p["metric_pytorch"]
     model = open_export(tmp_path / "fp32")
     assert isinstance(model, GenaiModel) and model.task == "causal-lm"
-    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "fp32"), "--split", "val")
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "fp32"), "--split", "val", "--data", str(genai_llama_run.parent / "d.jsonl"))
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["perplexity"] > 1
     code, out, _ = run_cli(capsys, "infer", str(tmp_path / "fp32"), "the film is", "--max-new-tokens", "4")
     assert code == 0 and "completion" in json.loads(out.strip().splitlines()[-1])
@@ -368,12 +377,12 @@ def test_genai_folder_matches_pytorch_and_runs_in_infer_and_eval(genai_llama_run
         EdgeModel(tmp_path / "fp32")
 
     int4 = export_run(genai_llama_run, tmp_path / "int4", "genai", genai_precision="int4", log=lambda *a: None)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "int4" / "model.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(_graph(tmp_path / "int4"))).graph.node}
     assert "MatMulNBits" in ops and int4["precision"] == "int4" and int4["parity"]["threshold"] is None
     assert 0 < int4["parity"]["metric_onnx"] < 2 * int4["parity"]["metric_pytorch"]
 
     mixed = export_run(genai_llama_run, tmp_path / "mixed", "genai", log=lambda *a: None)  # the default precision
-    bits = _bits_by_layer_kind(onnx.load(str(tmp_path / "mixed" / "model.onnx")).graph)
+    bits = _bits_by_layer_kind(onnx.load(str(_graph(tmp_path / "mixed"))).graph)
     assert mixed["precision"] == "int4-mixed" and not (tmp_path / "mixed" / "model.onnx.data").exists()
     assert bits == {"qkv_proj": {8}, "o_proj": {4}, "gate_proj": {4}, "up_proj": {8}, "down_proj": {8}, "lm_head": {8}}
     assert 0 < mixed["parity"]["metric_onnx"] < 1.5 * mixed["parity"]["metric_pytorch"]

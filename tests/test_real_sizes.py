@@ -9,7 +9,7 @@ import torch
 from qelalora.export import graph_files, streamed, weight_nodes
 from qelalora.export.exporter import export_run
 from qelalora.export.graph_files import referenced_files, unreferenced_files
-from qelalora.export.runtime import SUMMARY
+from qelalora.export.layout import SUMMARY
 from tests.test_export import bert_run, llama_run  # noqa: F401  (module fixtures: one trained run each)
 
 
@@ -24,18 +24,18 @@ def test_a_graph_over_the_inline_limit_keeps_its_weights_in_one_referenced_file(
     monkeypatch.setattr(graph_files, "INLINE_LIMIT", 0)  # the >2 GB path, on a tiny model
     out = tmp_path / "out"
     info = export_run(llama_run, out, fmt, log=lambda *a: None)
-    graph = out / "model.onnx"
-    assert _model_files(out) == referenced_files(graph) == {graph, out / "model.onnx_data"}
+    graph = out / info["file"]
+    assert _model_files(out) == referenced_files(graph) == {graph, graph.with_name(graph.name + "_data")}
     assert not unreferenced_files(out)
     proto = onnx.load(str(graph), load_external_data=False)
     external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
     assert external and all(len(t.raw_data) == 0 for t in external)
-    on_disk = {p.name: p.stat().st_size for p in out.iterdir()}
+    on_disk = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*") if p.is_file()}
     assert info["files"].keys() == on_disk.keys()
     assert {k: v for k, v in info["files"].items() if k != SUMMARY} == {k: v for k, v in on_disk.items() if k != SUMMARY}
     if fmt == "merged-fp32":  # parity held (export_run checks it); optimum opens the folder and generates
         assert info["parity"]["greedy_tokens_equal"]
-        model = ORTModelForCausalLM.from_pretrained(out)
+        model = ORTModelForCausalLM.from_pretrained(out, subfolder="onnx", file_name="model.onnx")
         assert model.generate(torch.tensor([[5, 17, 33]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
@@ -78,7 +78,7 @@ def test_the_traced_graph_holds_no_large_weight_and_each_layer_is_let_go(llama_r
 
 def test_merged_int8_keeps_its_table_at_8_bits(llama_run, tmp_path):
     info = export_run(llama_run, tmp_path / "out", "merged-int8", log=lambda *a: None)
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx")).graph
+    graph = onnx.load(str(tmp_path / "out" / info["file"])).graph
     gathers = [n for n in graph.node if n.op_type == "GatherBlockQuantized"]
     assert len(gathers) == 1 and next(a.i for a in gathers[0].attribute if a.name == "bits") == 8
     assert not [n for n in graph.node if n.op_type == "Gather" and n.input[0] in {t.name for t in graph.initializer}

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import write_json_atomic  # noqa: F401  (re-exported for the run's writers)
 from ..errors import UserError
 from ..method.layer import ADAPTER_TENSORS
 from .training import TrainState
@@ -52,16 +53,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_json_atomic(path: Path, data) -> None:
-    """Write JSON to `path` via a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _param_names(state: TrainState) -> list[str]:
