@@ -24,6 +24,18 @@ def test_default_recipe_is_the_embedded_minilm_job():
     assert recipe.data.source == "rotten-tomatoes" and recipe.elalora.budget_mb == 512
 
 
+def test_the_default_jobs_classes_have_names():
+    """Rotten Tomatoes' labels are 0 = rotten, 1 = fresh: the exported config's id2label says negative / positive."""
+    from qelalora.run.records import load_task_data
+    from tests.conftest import tiny_tokenizer
+
+    section = load_recipe(None).data
+    section.max_train_examples = 20
+    data = load_task_data(section, "seq-cls", tiny_tokenizer(128), 2)
+    assert data.label_names == ["negative", "positive"]
+    assert {e["labels"] for e in data.test} == {0, 1}
+
+
 def test_every_problem_is_reported_at_once():
     with pytest.raises(RecipeError) as err:
         recipe_from_dict({"model": {"quantize": "int3"}, "train": {"steps": 0, "lr": "x"}, "elalora": {"k": 0}, "data": 5})

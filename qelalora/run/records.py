@@ -88,6 +88,10 @@ def _read_csv(path: Path) -> list[dict]:
         raise DataError(f"{path}: malformed CSV ({err})") from None
 
 
+# class names of the built-in labelled sets, in id order (they go into the exported config's id2label)
+BUILTIN_CLASS_NAMES = {"rotten-tomatoes": ["negative", "positive"]}
+
+
 def rotten_tomatoes() -> list[dict]:
     """12,808 review snippets: label 1 = fresh, 0 = rotten (plot summaries dropped)."""
     with bz2.open(embedded.rotten_tomatoes_file(), "rt", encoding="utf-8") as f:
@@ -263,7 +267,8 @@ def load_task_data(section: DataSection, task: str, tokenizer, num_labels: int =
     """Read, split and tokenise the data for `task` ("seq-cls" or "causal-lm")."""
     given = sources.given_splits(section, read_records)
     records = [r for part in given.parts.values() for r in part] if given.parts else (given.records or read_records(section))
-    names = label_names_of(records, section, num_labels, given.class_names) if task == "seq-cls" else None
+    class_names = given.class_names or BUILTIN_CLASS_NAMES.get(section.source)
+    names = label_names_of(records, section, num_labels, class_names) if task == "seq-cls" else None
     chat = _is_chat(records, section)
     running_text = task == "causal-lm" and not section.prompt_field and not chat
     if given.parts:
