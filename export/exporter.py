@@ -9,6 +9,7 @@ Nothing is left half-written: a failure removes the temporary folder.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
 import shutil
 import tempfile
@@ -29,6 +30,7 @@ from .modules import branch_matrices, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
 from .runtime import open_export
 from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
+from .web import PAGE, node_modules, write_page
 from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample, set_tokenizer_aside
 
 FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters", "swappable",
@@ -140,12 +142,22 @@ def export_run(
     metric_examples: int = 500,
     log=print,
     genai_precision: str = "int4-mixed",
+    web: bool = False,
 ) -> dict:
-    """Export a finished run in one format, check it, and return the summary."""
+    """Export a finished run in one format, check it, and return the summary; with `web`, write the folder's
+    browser page (transformers.js) beside it."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     layout.check_destination(out_dir, fmt, run_dir, overwrite)  # before the work, not only after it
     quant.check(fmt)
+    if web:  # before the work: the format must be one transformers.js runs, and its files must be at hand
+        if not layout.GRAPHS.get(fmt, (None, None))[1]:
+            raise UserError(f"--web: transformers.js does not run {fmt} graphs; export merged-int4, merged-int8 or merged-fp32")
+        if quant.embeddings:
+            raise UserError("--web keeps the embedding table in float: onnxruntime-web's WASM build has no "
+                            "GatherBlockQuantized (drop --int4-embeddings)")
+        quant = replace(quant, embeddings=False)
+        node_modules()
     started = time.time()
     run = load_trained(run_dir)
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
@@ -156,7 +168,11 @@ def export_run(
                                        run.tokenizer.eos_token_id, Path(reference))
         info, result = _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant,
                                        metric_examples, log, genai_precision, started, overwrite)
-    log(f"exported {fmt} to {out_dir}: {sum(_sizes(out_dir).values()) / 2**20:.2f} MiB; max |logit diff| "
+    if web:
+        dtypes = write_page(out_dir)
+        log(f"wrote {out_dir / PAGE} (transformers.js; precisions {', '.join(dtypes)}): qelalora serve {out_dir}")
+    own = sum(v for n, v in info["files"].items() if n.startswith((layout.GRAPH_DIR + "/", "model.onnx")))
+    log(f"exported {fmt} to {out_dir / info['file']}: {own / 2**20:.2f} MiB (the graph and its data); max |logit diff| "
         f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))

@@ -275,6 +275,7 @@ def export(
     int8_layers: Annotated[Optional[str], typer.Option(help="merged-int4: layers kept at 8 bits, comma-separated names from the graph's node paths (e.g. down_proj,lm_head; BERT: value,output), or none. Default: v_proj,up_proj,down_proj on decoders (measured on SmolLM2: perplexity 1.52x -> 1.09x PyTorch's), none on encoders.", show_default=False)] = None,
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
+    web: Annotated[bool, typer.Option("--web", help="Also write index.html: the model in the browser with transformers.js (WASM, or WebGPU), every script local (npm fetches transformers.js once per machine). Open it with qelalora serve FOLDER.")] = False,
 ):
     """Export a trained run to ONNX and check it against PyTorch with ONNX Runtime.
 
@@ -289,6 +290,8 @@ def export(
       qelalora export runs/smollm2 -f merged-int4 --int8-layers none --no-int4-embeddings --head same   (all 4-bit)
 
       qelalora export runs/smollm2 -f genai      (int4-mixed; needs the genai extra)
+
+      qelalora export runs/mine -f merged-int8 --web     (then: qelalora serve runs/mine/onnx)
 
       qelalora export runs/mine -f swappable -o edge/model
 
@@ -306,7 +309,7 @@ def export(
     eight = None if int8_layers is None else tuple(n.strip() for n in int8_layers.split(",") if n.strip() not in ("", "none"))
     quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings, eight)
     export_run(run_dir, out or run_dir / ("onnx-genai" if format_ == "genai" else "onnx"), format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
-               genai_precision=genai_precision)
+               genai_precision=genai_precision, web=web)
 
 
 @app.command()
@@ -338,6 +341,32 @@ def infer(
     else:
         for text in texts:
             typer.echo(json.dumps({"prompt": text, "completion": model.generate(text, max_new_tokens)}))
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="An export folder written with --web.")],
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+):
+    """Serve an export folder's browser page (index.html) until Ctrl-C. Any static server works as well.
+
+    Examples:
+
+      qelalora serve runs/mine/onnx                 (then open http://127.0.0.1:8000/)
+
+      qelalora serve runs/mine/onnx --host 0.0.0.0 --port 8080
+    """
+    from .export.serve import make_server
+
+    server = make_server(folder, host, port)
+    typer.echo(f"serving {folder} at http://{host}:{server.server_address[1]}/ (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    finally:
+        server.server_close()
 
 
 @app.command("eval")
