@@ -24,6 +24,7 @@ from qelalora.errors import RunDirError, UserError
 from qelalora.atomic import write_json_atomic
 
 from . import genai, graphs, layout, parity, streamed
+from . import mobile as mobile_format
 from .graph_files import move_graph, unreferenced_files, write_graph
 from .layout import ADAPTER_FILE, SUMMARY
 from .modules import branch_matrices, nf4_adapter_model
@@ -143,6 +144,7 @@ def export_run(
     log=print,
     genai_precision: str = "int4-mixed",
     web: bool = False,
+    mobile: bool = False,
 ) -> dict:
     """Export a finished run in one format, check it, and return the summary; with `web`, write the folder's
     browser page (transformers.js) beside it."""
@@ -150,6 +152,13 @@ def export_run(
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     layout.check_destination(out_dir, fmt, run_dir, overwrite)  # before the work, not only after it
     quant.check(fmt)
+    if mobile:
+        mobile_format.check(fmt)
+        if quant.embeddings and fmt == "merged-int4":
+            raise UserError("--mobile: the ONNX Runtime format cannot hold a 4-bit embedding table (its zero points' "
+                            "type); drop --int4-embeddings")
+        if fmt == "merged-int4":
+            quant = replace(quant, embeddings=False)
     if web:  # before the work: the format must be one transformers.js runs, and its files must be at hand
         if not layout.GRAPHS.get(fmt, (None, None))[1]:
             raise UserError(f"--web: transformers.js does not run {fmt} graphs; export merged-int4, merged-int8 or merged-fp32")
@@ -167,7 +176,7 @@ def export_run(
         ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples],
                                        run.tokenizer.eos_token_id, Path(reference))
         info, result = _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant,
-                                       metric_examples, log, genai_precision, started, overwrite)
+                                       metric_examples, log, genai_precision, started, overwrite, mobile)
     if web:
         dtypes = write_page(out_dir)
         log(f"wrote {out_dir / PAGE} (transformers.js; precisions {', '.join(dtypes)}): qelalora serve {out_dir}")
@@ -176,11 +185,16 @@ def export_run(
         f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
+    if mobile:
+        ort_file = info["mobile"]["file"]
+        log(f"wrote {out_dir / ort_file} for ONNX Runtime Mobile: {info['files'][ort_file] / 2**20:.2f} MiB; "
+            f"max |logit diff| {info['mobile']['parity']['max_abs_logit_diff']:.2e}; operators for a reduced build in "
+            f"{out_dir / info['mobile']['operators']}")
     return info
 
 
 def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant, metric_examples, log,
-                    genai_precision, started, overwrite) -> tuple[dict, dict]:
+                    genai_precision, started, overwrite, mobile=False) -> tuple[dict, dict]:
     """Prune, build the format in a temporary folder (in the Hub layout), check it against the reference, and put
     it in place (a new folder, or a precision added to the run's folder)."""
     pruned = prune_adapters(run.layers, prune_threshold)
@@ -227,6 +241,11 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
             layout.write_transformers_js_config(tmp, {fmt: entry})
         checked = f"genai-{genai_precision}" if fmt == "genai" else fmt
         result = parity.check(open_export(tmp, fmt=fmt), ref, checked, examples[:metric_examples])
+        if mobile:  # the .ort file, checked as the ONNX graph was
+            entry["mobile"] = mobile_format.convert(tmp / entry["file"])
+            write_json_atomic(tmp / SUMMARY, {**shared, "formats": {fmt: entry}})
+            entry["mobile"]["parity"] = parity.check(open_export(tmp, fmt=fmt, mobile=True), ref, fmt,
+                                                     examples[:metric_examples])
         entry.update(parity=result, files=_sizes(tmp), seconds=round(time.time() - started, 1))
         write_json_atomic(tmp / SUMMARY, {**shared, "formats": {fmt: entry}})
         layout.publish(tmp, out_dir, fmt, run_dir, overwrite)

@@ -99,7 +99,11 @@ def _format_files(folder: Path, entry: dict) -> list[Path]:
 
     graph = folder / entry["file"]
     found = referenced_files(graph) if graph.is_file() else set()
-    return sorted(found | ({folder / entry["adapter"]} if entry.get("adapter") else set()))
+    if entry.get("adapter"):
+        found.add(folder / entry["adapter"])
+    if entry.get("mobile"):
+        found |= {folder / entry["mobile"]["file"], folder / entry["mobile"]["operators"]}
+    return sorted(found)
 
 
 def write_transformers_js_config(folder: Path, formats: dict) -> None:

@@ -66,12 +66,13 @@ def token_losses(logits: np.ndarray, labels: np.ndarray, positions: int = 16) ->
     return total
 
 
-def open_export(folder: Path, threads: int | None = None, fmt: str | None = None):
+def open_export(folder: Path, threads: int | None = None, fmt: str | None = None, mobile: bool = False):
     """The runner for one format of an export folder (without `fmt`: its only one, or the one transformers.js
-    opens by default): ONNX Runtime for the ONNX formats, ONNX Runtime GenAI for `genai`."""
+    opens by default): ONNX Runtime for the ONNX formats (`mobile`: its `.ort` file), ONNX Runtime GenAI for
+    `genai`."""
     folder = Path(folder)
     info = format_info(folder, fmt)
-    return GenaiModel(folder) if info["format"] == "genai" else EdgeModel(folder, threads, info["format"])
+    return GenaiModel(folder) if info["format"] == "genai" else EdgeModel(folder, threads, info["format"], mobile)
 
 
 class Runner:
@@ -133,10 +134,15 @@ def _run_options() -> ort.RunOptions:
 class EdgeModel(Runner):
     """An exported ONNX graph, ready for classification, generation and evaluation."""
 
-    def __init__(self, folder: Path, threads: int | None = None, fmt: str | None = None):
+    def __init__(self, folder: Path, threads: int | None = None, fmt: str | None = None, mobile: bool = False):
         folder = Path(folder)
         self.folder = folder
         self.info = format_info(folder, fmt)
+        graph = self.info["file"]
+        if mobile:
+            if not self.info.get("mobile"):
+                raise UserError(f"{folder} has no .ort file for {self.info['format']}; export it with --mobile")
+            graph = self.info["mobile"]["file"]
         if self.info.get("format") == "genai":
             raise UserError(f"{folder} is an ONNX Runtime GenAI folder: open it with open_export (GenaiModel)")
         self.task = self.info["task"]
@@ -144,7 +150,7 @@ class EdgeModel(Runner):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / self.info["file"]), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(folder / graph), options, providers=["CPUExecutionProvider"])
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.run_options = _run_options()
         if self.info.get("adapter"):

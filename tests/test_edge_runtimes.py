@@ -143,3 +143,31 @@ def test_the_export_page_answers_in_chromium_as_qelalora_infer_does(arch, fmt, r
     # onnxruntime-web's WASM kernels do not: measured, the page's probabilities are within 1.7e-3 of merged-fp32's
     # and up to 9.7e-3 from `infer`'s 8-bit ones (Node's native runtime matches `infer` to 1e-4)
     _check(got, _expected(folder, fmt, arch), arch, ["negative", "positive"] if arch == "bert" else None, atol=0.02)
+
+
+@pytest.mark.parametrize("arch,fmt", [("bert", "merged-int8"), ("llama", "merged-int4")])
+def test_mobile_writes_an_ort_file_that_runs_as_the_graph_does(arch, fmt, runs, tmp_path, capsys):
+    from qelalora.export.layout import format_info
+
+    folder = tmp_path / "onnx"
+    code, out, err = run_cli(capsys, "export", str(runs[arch]), "-f", fmt, "--mobile", "-o", str(folder))
+    assert code == 0, err
+    info = format_info(folder, fmt)
+    ort_file, operators = folder / info["mobile"]["file"], folder / info["mobile"]["operators"]
+    assert ort_file.name == Path(info["file"]).name.replace(".onnx", ".ort") and "ONNX Runtime Mobile" in out
+    listed = operators.read_text()
+    assert "com.microsoft;1;" in listed and "MatMulNBits" in listed and str(tmp_path) not in listed
+    assert 0.5 * info["files"][info["file"]] < info["files"][info["mobile"]["file"]] < 1.5 * info["files"][info["file"]]
+    graph, mobile = open_export(folder, fmt=fmt), open_export(folder, fmt=fmt, mobile=True)
+    rows = [graph.tokenizer(t)["input_ids"] for t in TEXTS[arch]]
+    for row in rows:
+        want, got = graph.logits([row]), mobile.logits([row])
+        assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
+    check = info["mobile"]["parity"]
+    assert abs(check["metric_delta"] - info["parity"]["metric_delta"]) <= 1e-3 * max(1.0, abs(check["metric_pytorch"]))
+    if arch == "llama":
+        assert mobile.generate_ids(rows[0], 32) == graph.generate_ids(rows[0], 32)
+        assert not info["weight_only"]["embeddings"]  # the ORT format has no type for a 4-bit table's zero points
+        code, _, err = run_cli(capsys, "export", str(runs[arch]), "-f", fmt, "--mobile", "--int4-embeddings",
+                               "-o", str(tmp_path / "x"))
+        assert code == 2 and "cannot hold a 4-bit embedding table" in err
