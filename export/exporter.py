@@ -145,6 +145,7 @@ def export_run(
     genai_precision: str = "int4-mixed",
     web: bool = False,
     mobile: bool = False,
+    genai_adapters: bool = False,
 ) -> dict:
     """Export a finished run in one format, check it, and return the summary; with `web`, write the folder's
     browser page (transformers.js) beside it."""
@@ -152,6 +153,8 @@ def export_run(
         raise UserError(f"unknown format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     layout.check_destination(out_dir, fmt, run_dir, overwrite)  # before the work, not only after it
     quant.check(fmt)
+    if genai_adapters and fmt != "genai":
+        raise UserError("--genai-adapters applies to --format genai (for the ONNX formats, see --format swappable)")
     if mobile:
         mobile_format.check(fmt)
         if quant.embeddings and fmt == "merged-int4":
@@ -176,7 +179,8 @@ def export_run(
         ref = parity.reference_outputs(run.model, run.task, examples[:parity_examples], pad, examples[:metric_examples],
                                        run.tokenizer.eos_token_id, Path(reference))
         info, result = _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant,
-                                       metric_examples, log, genai_precision, started, overwrite, mobile)
+                                       metric_examples, log, genai_precision, started, overwrite, mobile,
+                                       genai_adapters)
     if web:
         dtypes = write_page(out_dir)
         log(f"wrote {out_dir / PAGE} (transformers.js; precisions {', '.join(dtypes)}): qelalora serve {out_dir}")
@@ -194,10 +198,11 @@ def export_run(
 
 
 def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant, metric_examples, log,
-                    genai_precision, started, overwrite, mobile=False) -> tuple[dict, dict]:
+                    genai_precision, started, overwrite, mobile=False, genai_adapters=False) -> tuple[dict, dict]:
     """Prune, build the format in a temporary folder (in the Hub layout), check it against the reference, and put
     it in place (a new folder, or a precision added to the run's folder)."""
     pruned = prune_adapters(run.layers, prune_threshold)
+    ranks = {n: l.rank for n, l in run.layers.items()}  # now: building a merged format consumes the layers
     log(f"pruned: total rank {sum(pruned.ranks_before.values())} -> {sum(pruned.ranks_after.values())}, "
         f"adapter weights {pruned.bytes_before / 1024:.1f} -> {pruned.bytes_after / 1024:.1f} KiB"
         + (f", layers removed: {len(pruned.removed_layers)}" if pruned.removed_layers else ""))
@@ -205,8 +210,18 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         applied = None
+        adapter = None
         if fmt == "genai":
-            genai.build(run, tmp, genai_precision, _edge_config(run))
+            layers = None
+            if genai_adapters:  # the run's adapter file first: building consumes the model
+                if _heads(run):
+                    raise UserError("--genai-adapters: this run trained a head, which ONNX Runtime GenAI's adapters "
+                                    "cannot carry; export it merged (without --genai-adapters)")
+                adapter = f"{genai.ADAPTER_DIR}/{run_dir.name}.onnx_adapter"
+                (tmp / genai.ADAPTER_DIR).mkdir()
+                write_adapter_file(run, tmp / adapter)
+                layers = {n: (l.in_features, l.out_features) for n, l in run.layers.items()}
+            genai.build(run, tmp, genai_precision, _edge_config(run), layers)
         else:
             applied = _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
             move_graph(tmp / "model.onnx", tmp / layout.graph_file(fmt))
@@ -222,13 +237,13 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
             "eos_token_id": run.tokenizer.eos_token_id,
             "pad_token_id": pad,
             "data": _public_data(run.recipe.to_dict()["data"]),
-            "ranks": {n: l.rank for n, l in run.layers.items()},
+            "ranks": ranks,
             "run": run_dir.name,
             "run_fingerprint": layout.run_fingerprint(run_dir),
         }
         entry = {
             "file": layout.graph_file(fmt),
-            "adapter": f"{layout.GRAPH_DIR}/{ADAPTER_FILE}" if fmt == "swappable" else None,
+            "adapter": f"{layout.GRAPH_DIR}/{ADAPTER_FILE}" if fmt == "swappable" else adapter,
             **({"precision": genai_precision} if fmt == "genai" else {}),
             "prune": pruned.to_dict(),
             "weight_only": applied.to_dict(4 if fmt == "merged-int4" else 8) if applied else None,

@@ -21,7 +21,7 @@ from .streamed import Source, is_streamed_linear, release_tensors
 SHARD_BYTES = 1 << 30
 
 
-def _tensors(model: nn.Module):
+def _tensors(model: nn.Module, merge: bool):
     """(key, tensor, whether it is the model's own) in module order: merged linears (new tensors), and every
     other parameter and persistent buffer (the model's own, alive until the end: a tied one repeats)."""
     linears = []
@@ -30,7 +30,7 @@ def _tensors(model: nn.Module):
             continue
         if is_streamed_linear(module):
             linears.append(name)
-            weight, bias = Source(name, module, "linear").weight()
+            weight, bias = Source(name, module, "linear", merge=merge).weight()
             yield f"{name}.weight", weight, False
             if bias is not None:
                 yield f"{name}.bias", bias, False
@@ -43,9 +43,9 @@ def _tensors(model: nn.Module):
                 yield f"{name}.{key}" if name else key, tensor, True
 
 
-def write_merged_checkpoint(model: nn.Module, folder: Path, config) -> None:
-    """Write `model` with its adapters merged as a sharded fp32 safetensors checkpoint, with `config`; this
-    consumes the model's linears."""
+def write_merged_checkpoint(model: nn.Module, folder: Path, config, merge: bool = True) -> None:
+    """Write `model` with its adapters merged (`merge` off: its dequantised base alone) as a sharded fp32
+    safetensors checkpoint, with `config`; this consumes the model's linears."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -63,7 +63,7 @@ def write_merged_checkpoint(model: nn.Module, folder: Path, config) -> None:
             index.update(dict.fromkeys(shard, name))
             shard, size = {}, 0
 
-    for key, tensor, own in _tensors(model):
+    for key, tensor, own in _tensors(model, merge):
         if own:
             storage = tensor.untyped_storage().data_ptr()
             if storage in seen:  # a tied table, written once

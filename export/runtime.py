@@ -244,14 +244,30 @@ class GenaiModel(Runner):
         self.info = format_info(self.folder, "genai")
         self.task = self.info["task"]
         self.model = og.Model(str(self.folder))
+        self.adapters, self.active = None, None
+        if self.info.get("adapter"):  # built with --genai-adapters: the run's own adapter is active at first
+            self.use_adapter(self.folder / self.info["adapter"])
 
     def use_adapter(self, path: Path) -> None:
-        raise UserError("a genai export has its adapters merged; --adapter is for the swappable format")
+        """Make the adapter in `path` (an .onnx_adapter file) the active one for every later generator; adapters
+        stay loaded, so switching back is free."""
+        if not self.info.get("adapter"):
+            raise UserError("this genai export has its adapters merged; export with --genai-adapters to switch them")
+        path = Path(path)
+        if self.adapters is None:
+            self.adapters, self.loaded = self.og.Adapters(self.model), {}
+        name = str(path.resolve())
+        if name not in self.loaded:
+            self.adapters.load(name, name)
+            self.loaded[name] = True
+        self.active = name
 
     def _generator(self, prompt_ids, max_length: int):
         params = self.og.GeneratorParams(self.model)
         params.set_search_options(do_sample=False, max_length=max_length)
         generator = self.og.Generator(self.model, params)
+        if self.active is not None:
+            generator.set_active_adapter(self.adapters, self.active)
         generator.append_tokens(np.asarray(prompt_ids, dtype=np.int32))
         return generator
 

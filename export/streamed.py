@@ -94,16 +94,18 @@ class Source:
     module: nn.Module
     kind: str  # "linear" or "embedding"
     head: bool = False  # the output projection (a decoder's LM head)
+    merge: bool = True  # False: the dequantised base alone (the adapter travels separately)
 
     def weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(fp32 weight [out, in] or table [rows, dim], bias or None): the adapter merged in where there is one."""
+        """(fp32 weight [out, in] or table [rows, dim], bias or None): the adapter merged in where there is one
+        (unless `merge` is off)."""
         module = self.module
         with torch.no_grad():
             if self.kind == "embedding":
                 return module.weight.detach().float(), None
             base = module.base if isinstance(module, ElaLoRALinear) else module
             weight = dequantized_base_weight(base)
-            if isinstance(module, ElaLoRALinear) and module.rank > 0:
+            if self.merge and isinstance(module, ElaLoRALinear) and module.rank > 0:
                 weight = weight + module.delta_weight().detach()
             bias = None if base.bias is None else base.bias.detach().float()
         return weight, bias

@@ -275,6 +275,7 @@ def export(
     int8_layers: Annotated[Optional[str], typer.Option(help="merged-int4: layers kept at 8 bits, comma-separated names from the graph's node paths (e.g. down_proj,lm_head; BERT: value,output), or none. Default: v_proj,up_proj,down_proj on decoders (measured on SmolLM2: perplexity 1.52x -> 1.09x PyTorch's), none on encoders.", show_default=False)] = None,
     adapter_only: Annotated[Optional[Path], typer.Option(help="Write only this run's .onnx_adapter file here (for a swappable graph of the same base).")] = None,
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
+    genai_adapters: Annotated[bool, typer.Option("--genai-adapters", help="genai: keep the base merged-free and this run's adapter in adapters/RUN.onnx_adapter, which ONNX Runtime GenAI (og.Adapters) switches at run time; add other runs' with --adapter-only.")] = False,
     mobile: Annotated[bool, typer.Option("--mobile", help="Also write the graph in ONNX Runtime's format (onnx/<graph>.ort, optimised once for ARM) for ONNX Runtime Mobile, with the operator list for a reduced build; checked like the graph.")] = False,
     web: Annotated[bool, typer.Option("--web", help="Also write index.html: the model in the browser with transformers.js (WASM, or WebGPU), every script local (npm fetches transformers.js once per machine). Open it with qelalora serve FOLDER.")] = False,
 ):
@@ -291,6 +292,9 @@ def export(
       qelalora export runs/smollm2 -f merged-int4 --int8-layers none --no-int4-embeddings --head same   (all 4-bit)
 
       qelalora export runs/smollm2 -f genai      (int4-mixed; needs the genai extra)
+
+      qelalora export runs/smollm2 -f genai --genai-adapters -o edge/genai
+      qelalora export runs/other --adapter-only edge/genai/adapters/other.onnx_adapter   (a second task, same base)
 
       qelalora export runs/mine -f merged-int8 --web     (then: qelalora serve runs/mine/onnx)
 
@@ -312,7 +316,7 @@ def export(
     eight = None if int8_layers is None else tuple(n.strip() for n in int8_layers.split(",") if n.strip() not in ("", "none"))
     quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings, eight)
     export_run(run_dir, out or run_dir / ("onnx-genai" if format_ == "genai" else "onnx"), format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
-               genai_precision=genai_precision, web=web, mobile=mobile)
+               genai_precision=genai_precision, web=web, mobile=mobile, genai_adapters=genai_adapters)
 
 
 @app.command()

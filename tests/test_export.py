@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from qelalora.errors import UserError
@@ -392,3 +393,42 @@ def test_genai_folder_matches_pytorch_and_runs_in_infer_and_eval(genai_llama_run
         export_run(bert_run, tmp_path / "bert", "genai", log=lambda *a: None)
     with pytest.raises(UserError, match="does not run on the CPU provider"):
         export_run(genai_llama_run, tmp_path / "fp16", "genai", genai_precision="fp16", log=lambda *a: None)
+
+
+def test_genai_adapters_switch_two_runs_on_one_loaded_base(genai_llama_run, tmp_path_factory, tmp_path, capsys):
+    """--genai-adapters: a merged-free base whose adapted projections take their branch from og.Adapters files,
+    each layer at its own rank; two runs' adapters on one loaded model, each generating its merged export's tokens."""
+    from qelalora.export import genai
+    from qelalora.export.runtime import open_export
+
+    if not genai.available():
+        pytest.skip("onnxruntime-genai is not installed (pip install 'qelalora[genai]')")
+    base = yaml.safe_load((genai_llama_run / "recipe.yaml").read_text())["model"]["name"]
+    other = _train(tmp_path_factory, "llama-256-other", base, True, budget_mb=0.2, b0=5)
+    out = tmp_path / "genai"
+    info = export_run(genai_llama_run, out, "genai", genai_precision="fp32", genai_adapters=True, log=lambda *a: None)
+    parity = info["parity"]
+    assert parity["max_abs_logit_diff"] <= 1e-4 * parity["logit_scale"] and parity["greedy_tokens_equal"]
+    assert info["adapter"] == "adapters/run.onnx_adapter"
+    ranks = export_adapter_only(other, out / "adapters" / "other.onnx_adapter")
+    assert ranks != info["ranks"] and len(set(info["ranks"].values())) > 1  # per-layer ranks, as trained
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    layer = next(iter(info["ranks"]))
+    assert inputs[f"lora_a.{layer}"][0] == inputs[f"lora_b.{layer}"][1] == f"rank.{layer}"
+    merged = {}
+    for name, run in (("own", genai_llama_run), ("other", other)):
+        export_run(run, tmp_path / name, "genai", genai_precision="fp32", log=lambda *a: None)
+        merged[name] = open_export(tmp_path / name).generate_ids([5, 17, 33, 8], 32)
+    assert merged["own"] != merged["other"]
+    model = open_export(out)  # loaded once; its own adapter is active
+    assert model.generate_ids([5, 17, 33, 8], 32) == merged["own"]
+    model.use_adapter(out / "adapters" / "other.onnx_adapter")
+    assert model.generate_ids([5, 17, 33, 8], 32) == merged["other"]
+    model.use_adapter(out / info["adapter"])
+    assert model.generate_ids([5, 17, 33, 8], 32) == merged["own"]
+    code, got, err = run_cli(capsys, "infer", str(out), "--adapter", str(out / "adapters" / "other.onnx_adapter"),
+                             "the film is", "--max-new-tokens", "4")
+    assert code == 0 and "completion" in json.loads(got.strip().splitlines()[-1]), err
+    with pytest.raises(UserError, match="--genai-adapters applies to --format genai"):
+        export_run(genai_llama_run, tmp_path / "x", "merged-int4", genai_adapters=True, log=lambda *a: None)

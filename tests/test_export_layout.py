@@ -24,6 +24,7 @@ def test_precisions_of_one_run_share_a_folder_in_the_hub_layout(bert_run, tmp_pa
     fp32 = export_run(bert_run, out, "merged-fp32", log=_quiet)
     int4 = export_run(bert_run, out, "merged-int4", log=_quiet)
     assert (fp32["file"], int4["file"]) == ("onnx/model.onnx", "onnx/model_q4.onnx")
+    assert sum(fp32["ranks"].values()) == sum(fp32["prune"]["ranks_after"].values()) > 0  # taken before the build
     top = sorted(p.name for p in out.iterdir())
     assert "onnx" in top and "config.json" in top and "tokenizer.json" in top and not [n for n in top if n.endswith(".onnx")]
     assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model.onnx", "model_q4.onnx"]
