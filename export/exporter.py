@@ -181,10 +181,10 @@ def export_run(
         info, result = _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant,
                                        metric_examples, log, genai_precision, started, overwrite, mobile,
                                        genai_adapters)
-    if web:
-        dtypes = write_page(out_dir)
+    if web or (out_dir / PAGE).is_file():  # a page written before offers the precision added now too
+        dtypes = write_page(out_dir, assets=web)
         log(f"wrote {out_dir / PAGE} (transformers.js; precisions {', '.join(dtypes)}): qelalora serve {out_dir}")
-    own = sum(v for n, v in info["files"].items() if n.startswith((layout.GRAPH_DIR + "/", "model.onnx")))
+    own = sum(info["files"].get(n, 0) for n in (info["file"], info["file"] + "_data", info["file"] + ".data"))
     log(f"exported {fmt} to {out_dir / info['file']}: {own / 2**20:.2f} MiB (the graph and its data); max |logit diff| "
         f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
         f"(PyTorch {result['metric_pytorch']:.4g})"

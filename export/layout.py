@@ -146,6 +146,9 @@ def publish(tmp: Path, out_dir: Path, fmt: str, run_dir: Path, overwrite: bool) 
         return
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # a temporary folder is private (0700); the export is a folder like any other
     tmp.rename(out_dir)
 
 

@@ -60,9 +60,10 @@ def _ops(graph: Path) -> set[str]:
     return {node.op_type for node in onnx.load(str(graph), load_external_data=False).graph.node}
 
 
-def write_page(folder: Path) -> list[str]:
-    """Write `index.html` and its assets into an export folder; returns the transformers.js dtypes it offers
-    (every precision in the folder that runs in the browser, the config's default first)."""
+def write_page(folder: Path, assets: bool = True) -> list[str]:
+    """Write `index.html` (and with `assets` the scripts and WASM files it loads) into an export folder; returns
+    the transformers.js dtypes it offers (every precision in the folder that runs in the browser, the config's
+    default first)."""
     summary = read_summary(folder)
     if summary["task"] not in ("seq-cls", "causal-lm"):
         raise UserError(f"--web: no page for task {summary['task']!r}")
@@ -75,11 +76,11 @@ def write_page(folder: Path) -> list[str]:
                         "adapter as inputs; nf4-adapters and quantised embedding tables use operators onnxruntime-web "
                         "lacks); export merged-int4, merged-int8 or merged-fp32 with --web")
     dtypes.sort(key=lambda d: d != default)
-    modules = node_modules()
-    assets = folder / ASSET_DIR
-    assets.mkdir(exist_ok=True)
-    for name, path in ASSETS.items():
-        shutil.copyfile(modules / path, assets / name)
+    if assets:
+        modules = node_modules()
+        (folder / ASSET_DIR).mkdir(exist_ok=True)
+        for name, path in ASSETS.items():
+            shutil.copyfile(modules / path, folder / ASSET_DIR / name)
     settings = {"task": summary["task"], "dtypes": dtypes, "model": summary.get("base_model"),
                 "labels": summary.get("label_names")}
     template = resources.files("qelalora.export").joinpath("web_page.html").read_text(encoding="utf-8")

@@ -143,6 +143,11 @@ def test_the_export_page_answers_in_chromium_as_qelalora_infer_does(arch, fmt, r
     # onnxruntime-web's WASM kernels do not: measured, the page's probabilities are within 1.7e-3 of merged-fp32's
     # and up to 9.7e-3 from `infer`'s 8-bit ones (Node's native runtime matches `infer` to 1e-4)
     _check(got, _expected(folder, fmt, arch), arch, ["negative", "positive"] if arch == "bert" else None, atol=0.02)
+    export_run(runs[arch], folder, "merged-fp32", log=lambda *a: None)  # a precision added later is offered too
+    settings = json.loads(page.split("const SETTINGS = ")[1].split(";\n")[0])
+    assert settings["dtypes"] == [PRECISIONS[fmt]]
+    page = (folder / "index.html").read_text()
+    assert json.loads(page.split("const SETTINGS = ")[1].split(";\n")[0])["dtypes"] == [PRECISIONS[fmt], "fp32"]
 
 
 @pytest.mark.parametrize("arch,fmt", [("bert", "merged-int8"), ("llama", "merged-int4")])

@@ -14,7 +14,7 @@ const browser = await puppeteer.launch({
 });
 try {
   const page = await browser.newPage();
-  await page.setViewport({ width: 820, height: 460 });
+  await page.setViewport({ width: 820, height: 540 });
   page.on('console', (m) => console.error(`page: ${m.text()}`));
   page.on('pageerror', (e) => console.error(`page error: ${e.message}`));
   page.on('response', (r) => r.status() >= 400 && console.error(`page: HTTP ${r.status()} ${r.url()}`));
