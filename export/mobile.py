@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 from pathlib import Path
 
@@ -36,9 +37,15 @@ def convert(graph: Path) -> dict[str, str]:
                         "(export merged-int4 or merged-int8)")
     stem = graph.name.removesuffix(".onnx")
     with tempfile.TemporaryDirectory(prefix="qelalora-ort-", dir=graph.parent) as tmp:
-        with contextlib.redirect_stdout(io.StringIO()):  # the tool prints each step
-            convert_onnx_models_to_ort(graph, output_dir=Path(tmp), optimization_styles=[OptimizationStyle.Fixed],
-                                       target_platform="arm")
+        quiet = logging.getLogger("ort_format_model.utils")  # logs the temporary folder's path at INFO
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # the tool prints each step
+                convert_onnx_models_to_ort(graph, output_dir=Path(tmp), optimization_styles=[OptimizationStyle.Fixed],
+                                           target_platform="arm")
+        finally:
+            quiet.setLevel(level)
         model, operators = Path(tmp) / f"{stem}.ort", Path(tmp) / f"{stem}.required_operators.config"
         if not model.is_file() or not operators.is_file():
             raise UserError(f"--mobile: ONNX Runtime's conversion wrote no {model.name}")

@@ -277,7 +277,7 @@ def export(
     metric_examples: Annotated[int, typer.Option(help="Held-out examples for the task-metric comparison: a seeded random sample of the test split (all of it when smaller).")] = 500,
     genai_adapters: Annotated[bool, typer.Option("--genai-adapters", help="genai: keep the base merged-free and this run's adapter in adapters/RUN.onnx_adapter, which ONNX Runtime GenAI (og.Adapters) switches at run time; add other runs' with --adapter-only.")] = False,
     mobile: Annotated[bool, typer.Option("--mobile", help="Also write the graph in ONNX Runtime's format (onnx/<graph>.ort, optimised once for ARM) for ONNX Runtime Mobile, with the operator list for a reduced build; checked like the graph.")] = False,
-    web: Annotated[bool, typer.Option("--web", help="Also write index.html: the model in the browser with transformers.js (WASM, or WebGPU), every script local (npm fetches transformers.js once per machine). Open it with qelalora serve FOLDER.")] = False,
+    web: Annotated[bool, typer.Option("--web", help="Also write index.html: the model in the browser with transformers.js (WASM, or WebGPU), every script local (npm fetches transformers.js once per machine). Open it with qelalora serve FOLDER. Weight-only graphs then compute in fp32 and keep a float embedding table, as onnxruntime-web's WASM kernels do.")] = False,
 ):
     """Export a trained run to ONNX and check it against PyTorch with ONNX Runtime.
 
