@@ -139,7 +139,7 @@ def test_decoder_export_generates_like_pytorch_through_optimum(llama_run, tmp_pa
     from qelalora.export.trained import load_trained
 
     export_run(llama_run, tmp_path / "out", "nf4-adapters", log=lambda *a: None)
-    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "out", subfolder="onnx", file_name="model_bnb4.onnx")
+    ort_model = ORTModelForCausalLM.from_pretrained(tmp_path / "out", file_name="model_bnb4.onnx")
     trained = load_trained(llama_run)
     prompt = torch.tensor([[5, 17, 33, 8, 40, 12]])
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_encoder_export_opens_with_optimum_and_names_its_task(bert_run, tmp_path
     assert "quantization_config" not in config  # the graph holds no bitsandbytes weights
     assert config["architectures"] == ["BertForSequenceClassification"]
     assert set(config["id2label"]) == {"0", "1"} and set(config["label2id"].values()) == {0, 1}
-    ort_model = ORTModelForSequenceClassification.from_pretrained(tmp_path / "out", subfolder="onnx", file_name="model.onnx")
+    ort_model = ORTModelForSequenceClassification.from_pretrained(tmp_path / "out")  # finds onnx/model.onnx
     trained = load_trained(bert_run)
     batch = collate(heldout_examples(trained, 8), 0)
     with torch.no_grad():

@@ -35,7 +35,7 @@ def test_a_graph_over_the_inline_limit_keeps_its_weights_in_one_referenced_file(
     assert {k: v for k, v in info["files"].items() if k != SUMMARY} == {k: v for k, v in on_disk.items() if k != SUMMARY}
     if fmt == "merged-fp32":  # parity held (export_run checks it); optimum opens the folder and generates
         assert info["parity"]["greedy_tokens_equal"]
-        model = ORTModelForCausalLM.from_pretrained(out, subfolder="onnx", file_name="model.onnx")
+        model = ORTModelForCausalLM.from_pretrained(out)  # finds onnx/model.onnx and its data file
         assert model.generate(torch.tensor([[5, 17, 33]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
