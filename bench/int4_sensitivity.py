@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from qelalora.export.quantise import WeightOnly, quantise_weights  # noqa: E402
+from qelalora.export.graph_files import referenced_files  # noqa: E402
 from qelalora.export.layout import format_info  # noqa: E402
 from qelalora.export.runtime import EdgeModel  # noqa: E402
 from qelalora.export.trained import heldout_examples, load_trained, seeded_sample  # noqa: E402
@@ -53,7 +54,7 @@ def main() -> None:
         with torch.no_grad():
             reference = evaluate(run.model, examples, run.task, 8, run.data.pad_id, "cpu")["perplexity"]
     graph = format_info(args.fp32, "merged-fp32")["file"]
-    fp32_bytes = (args.fp32 / graph).stat().st_size
+    fp32_bytes = sum(p.stat().st_size for p in referenced_files(args.fp32 / graph))  # the graph and its data file
     for config in args.configs:
         eight = () if config == "none" else KINDS if config == "all" else tuple(config.split("+"))
         with tempfile.TemporaryDirectory() as tmp:
