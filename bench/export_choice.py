@@ -9,6 +9,7 @@ Questions (each a list of candidates; the first is the current default):
 
     python bench/export_choice.py --question accuracy-level --run runs/bench-smollm2
     python bench/export_choice.py --question encoder-table --run runs/default
+    python bench/export_choice.py --question genai --run runs/bench-smollm2 --limit 100
 The decoder's 8-bit layer mix is chosen with bench/int4_sensitivity.py --split val.
 """
 
@@ -24,7 +25,8 @@ from pathlib import Path
 QUESTIONS = {
     "accuracy-level": [("acc4", ["-f", "merged-int4"]), ("acc0", ["-f", "merged-int4", "--accuracy-level", "0"])],
     "encoder-table": [("float-table", ["-f", "merged-int4"]), ("int4-table", ["-f", "merged-int4", "--int4-embeddings"])],
-    "encoder-algo": [("rtn", ["-f", "merged-int4"]), ("gptq", ["-f", "merged-int4", "--int4-algo", "gptq"])],
+    # both with a float table (ONNX Runtime's GPTQ path leaves the table alone), so only the algorithm differs
+    "encoder-algo": [("rtn", ["-f", "merged-int4", "--no-int4-embeddings"]), ("gptq", ["-f", "merged-int4", "--int4-algo", "gptq"])],
     "genai": [("int4-mixed", ["-f", "genai"]), ("int4", ["-f", "genai", "--genai-precision", "int4"])],
 }
 
