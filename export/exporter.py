@@ -211,41 +211,12 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        applied = None
-        adapter = None
-        if fmt == "genai":
-            layers = None
-            if genai_adapters:  # the run's adapter file first: building consumes the model
-                if _heads(run):
-                    raise UserError("--genai-adapters: this run trained a head, which ONNX Runtime GenAI's adapters "
-                                    "cannot carry; export it merged (without --genai-adapters)")
-                adapter = f"{genai.ADAPTER_DIR}/{run_dir.name}.onnx_adapter"
-                (tmp / genai.ADAPTER_DIR).mkdir()
-                write_adapter_file(run, tmp / adapter)
-                layers = {n: (l.in_features, l.out_features) for n, l in run.layers.items()}
-            genai.build(run, tmp, genai_precision, _edge_config(run), layers)
-        else:
-            applied = _build_graph(run, fmt, tmp, _example_batch(examples, pad), quant)
-            move_graph(tmp / "model.onnx", tmp / layout.graph_file(fmt))
-            if fmt == "swappable":
-                (tmp / ADAPTER_FILE).replace(tmp / layout.GRAPH_DIR / ADAPTER_FILE)
-            run.tokenizer.save_pretrained(tmp)
-            _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
-        shared = {
-            "task": run.task,
-            "base_model": _public(run.recipe.model.name),
-            "num_labels": run.recipe.model.num_labels if run.task == "seq-cls" else None,
-            "label_names": run.label_names,
-            "eos_token_id": run.tokenizer.eos_token_id,
-            "pad_token_id": pad,
-            "data": _public_data(run.recipe.to_dict()["data"]),
-            "ranks": ranks,
-            "run": run_dir.name,
-            "run_fingerprint": layout.run_fingerprint(run_dir),
-        }
+        applied, adapter = _build_folder(run, run_dir, fmt, tmp, _example_batch(examples, pad), quant, genai_precision,
+                                         genai_adapters)
+        shared = _shared_fields(run, run_dir, pad, ranks)
         entry = {
             "file": layout.graph_file(fmt),
-            "adapter": f"{layout.GRAPH_DIR}/{ADAPTER_FILE}" if fmt == "swappable" else adapter,
+            "adapter": adapter,
             **({"precision": genai_precision} if fmt == "genai" else {}),
             "prune": pruned.to_dict(),
             "weight_only": applied.to_dict(4 if fmt == "merged-int4" else 8) if applied else None,
@@ -269,6 +240,46 @@ def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_thresh
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {**shared, **entry, "format": fmt}, result
+
+
+def _build_folder(run, run_dir, fmt, tmp, example, quant, genai_precision, genai_adapters):
+    """The format's files in `tmp` (graph under onnx/, config and tokenizer; or GenAI's folder); returns the
+    weight-only settings applied (or None) and the adapter file's path in the folder (or None)."""
+    if fmt != "genai":
+        applied = _build_graph(run, fmt, tmp, example, quant)
+        move_graph(tmp / "model.onnx", tmp / layout.graph_file(fmt))
+        if fmt == "swappable":
+            (tmp / ADAPTER_FILE).replace(tmp / layout.GRAPH_DIR / ADAPTER_FILE)
+        run.tokenizer.save_pretrained(tmp)
+        _edge_config(run).to_json_file(tmp / "config.json", use_diff=False)  # every field, id2label included
+        return applied, f"{layout.GRAPH_DIR}/{ADAPTER_FILE}" if fmt == "swappable" else None
+    adapter, layers = None, None
+    if genai_adapters:  # the run's adapter file first: building consumes the model
+        if _heads(run):
+            raise UserError("--genai-adapters: this run trained a head, which ONNX Runtime GenAI's adapters "
+                            "cannot carry; export it merged (without --genai-adapters)")
+        adapter = f"{genai.ADAPTER_DIR}/{run_dir.name}.onnx_adapter"
+        (tmp / genai.ADAPTER_DIR).mkdir()
+        write_adapter_file(run, tmp / adapter)
+        layers = {n: (l.in_features, l.out_features) for n, l in run.layers.items()}
+    genai.build(run, tmp, genai_precision, _edge_config(run), layers)
+    return None, adapter
+
+
+def _shared_fields(run, run_dir, pad, ranks) -> dict:
+    """The summary's fields that every precision of the run shares."""
+    return {
+        "task": run.task,
+        "base_model": _public(run.recipe.model.name),
+        "num_labels": run.recipe.model.num_labels if run.task == "seq-cls" else None,
+        "label_names": run.label_names,
+        "eos_token_id": run.tokenizer.eos_token_id,
+        "pad_token_id": pad,
+        "data": _public_data(run.recipe.to_dict()["data"]),
+        "ranks": ranks,
+        "run": run_dir.name,
+        "run_fingerprint": layout.run_fingerprint(run_dir),
+    }
 
 
 def _public(value):
