@@ -9,11 +9,11 @@ Nothing is left half-written: a failure removes the temporary folder.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import json
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,23 +155,7 @@ def export_run(
     quant.check(fmt)
     if genai_adapters and fmt != "genai":
         raise UserError("--genai-adapters applies to --format genai (for the ONNX formats, see --format swappable)")
-    if mobile:
-        mobile_format.check(fmt)
-        if quant.embeddings and fmt == "merged-int4":
-            raise UserError("--mobile: the ONNX Runtime format cannot hold a 4-bit embedding table (its zero points' "
-                            "type); drop --int4-embeddings")
-        if fmt == "merged-int4":
-            quant = replace(quant, embeddings=False)
-    if web:  # before the work: the format must be one transformers.js runs, and its files must be at hand
-        if not layout.GRAPHS.get(fmt, (None, None))[1]:
-            raise UserError(f"--web: transformers.js does not run {fmt} graphs; export merged-int4, merged-int8 or merged-fp32")
-        if quant.embeddings:
-            raise UserError("--web keeps the embedding table in float: onnxruntime-web's WASM build has no "
-                            "GatherBlockQuantized (drop --int4-embeddings)")
-        # fp32 compute: onnxruntime-web's WASM kernels take no int8 activations, so a graph that asks for them
-        # answers differently on the CPU than in the page (SmolLM2 int4: greedy tokens apart from the 8th)
-        quant = replace(quant, embeddings=False, accuracy_level=None)
-        node_modules()
+    quant = _for_edge_runtimes(fmt, quant, web, mobile)
     started = time.time()
     run = load_trained(run_dir)
     pad = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else 0
@@ -197,6 +181,29 @@ def export_run(
             f"max |logit diff| {info['mobile']['parity']['max_abs_logit_diff']:.2e}; operators for a reduced build in "
             f"{out_dir / info['mobile']['operators']}")
     return info
+
+
+def _for_edge_runtimes(fmt: str, quant: WeightOnly, web: bool, mobile: bool) -> WeightOnly:
+    """The weight-only settings the runtimes asked for can run, checked before the work: ONNX Runtime's format
+    has no type for a 4-bit table's zero points; onnxruntime-web's WASM build has no GatherBlockQuantized and its
+    kernels take no int8 activations (a graph asking for them answers differently on the CPU than in the page:
+    SmolLM2 int4's greedy tokens parted at the 8th)."""
+    if mobile:
+        mobile_format.check(fmt)
+        if quant.embeddings and fmt == "merged-int4":
+            raise UserError("--mobile: the ONNX Runtime format cannot hold a 4-bit embedding table (its zero points' "
+                            "type); drop --int4-embeddings")
+        if fmt == "merged-int4":
+            quant = replace(quant, embeddings=False)
+    if web:
+        if not layout.GRAPHS.get(fmt, (None, None))[1]:
+            raise UserError(f"--web: transformers.js does not run {fmt} graphs; export merged-int4, merged-int8 or merged-fp32")
+        if quant.embeddings:
+            raise UserError("--web keeps the embedding table in float: onnxruntime-web's WASM build has no "
+                            "GatherBlockQuantized (drop --int4-embeddings)")
+        quant = replace(quant, embeddings=False, accuracy_level=None)
+        node_modules()  # its files at hand before the work
+    return quant
 
 
 def _export_checked(run, run_dir, out_dir, fmt, ref, examples, pad, prune_threshold, quant, metric_examples, log,

@@ -23,6 +23,8 @@ from pathlib import Path
 from qelalora.atomic import write_json_atomic
 from qelalora.errors import RunDirError, UserError
 
+from .graph_files import referenced_files
+
 SUMMARY = "qelalora_export.json"
 GRAPH_DIR = "onnx"
 ADAPTER_FILE = "adapter.onnx_adapter"
@@ -73,8 +75,7 @@ def format_info(folder: Path, fmt: str | None = None) -> dict:
     summary = read_summary(folder)
     formats = summary["formats"]
     if fmt is None:
-        fmt = next((f for f in PREFERRED if f in formats), None) if len(formats) > 1 else next(iter(formats))
-        fmt = fmt or sorted(formats)[0]
+        fmt = next((f for f in PREFERRED if f in formats), next(iter(formats)))
     if fmt not in formats:
         raise UserError(f"{folder} holds no {fmt} export; it holds: {', '.join(formats)}")
     if not (Path(folder) / formats[fmt]["file"]).is_file():
@@ -95,8 +96,6 @@ def run_fingerprint(run_dir: Path) -> str:
 
 
 def _format_files(folder: Path, entry: dict) -> list[Path]:
-    from .graph_files import referenced_files
-
     graph = folder / entry["file"]
     found = referenced_files(graph) if graph.is_file() else set()
     if entry.get("adapter"):

@@ -244,7 +244,7 @@ class GenaiModel(Runner):
         self.info = format_info(self.folder, "genai")
         self.task = self.info["task"]
         self.model = og.Model(str(self.folder))
-        self.adapters, self.active = None, None
+        self.adapters, self.loaded, self.active = None, set(), None
         if self.info.get("adapter"):  # built with --genai-adapters: the run's own adapter is active at first
             self.use_adapter(self.folder / self.info["adapter"])
 
@@ -255,11 +255,11 @@ class GenaiModel(Runner):
             raise UserError("this genai export has its adapters merged; export with --genai-adapters to switch them")
         path = Path(path)
         if self.adapters is None:
-            self.adapters, self.loaded = self.og.Adapters(self.model), {}
+            self.adapters = self.og.Adapters(self.model)
         name = str(path.resolve())
         if name not in self.loaded:
             self.adapters.load(name, name)
-            self.loaded[name] = True
+            self.loaded.add(name)
         self.active = name
 
     def _generator(self, prompt_ids, max_length: int):

@@ -81,8 +81,7 @@ def write_page(folder: Path, assets: bool = True) -> list[str]:
         (folder / ASSET_DIR).mkdir(exist_ok=True)
         for name, path in ASSETS.items():
             shutil.copyfile(modules / path, folder / ASSET_DIR / name)
-    settings = {"task": summary["task"], "dtypes": dtypes, "model": summary.get("base_model"),
-                "labels": summary.get("label_names")}
+    settings = {"task": summary["task"], "dtypes": dtypes, "model": summary.get("base_model")}
     template = resources.files("qelalora.export").joinpath("web_page.html").read_text(encoding="utf-8")
     page = template.replace("/*SETTINGS*/{}", json.dumps(settings))
     partial = folder / f".{PAGE}.partial"

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import write_json_atomic
+from ..atomic import write_json_atomic
 from ..errors import RunDirError
 from ..method.layer import ADAPTER_TENSORS, ElaLoRALinear
 from ..base.models import wrap_linears

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import write_json_atomic  # noqa: F401  (re-exported for the run's writers)
+from ..atomic import write_json_atomic
 from ..errors import UserError
 from ..method.layer import ADAPTER_TENSORS
 from .training import TrainState

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from ..atomic import write_json_atomic
 from . import adapter_io
 from ..base import embedded
 from . import report
@@ -188,7 +189,7 @@ def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseli
     report.plot_ranks(history, run_dir)
     measured = measured_peak(run.device, baseline_rss)
     memory = {**run.plan.to_dict(), **measured, "adapter_bytes_final": state.ranks.adapter_bytes()}
-    ckpt.write_json_atomic(run_dir / "memory.json", memory)
+    write_json_atomic(run_dir / "memory.json", memory)
     summary = {
         "steps": state.step,
         "seconds": round(time.time() - started, 1),
@@ -200,7 +201,7 @@ def _save_outputs(run: Run, run_dir: Path, started: float, metrics: dict, baseli
         "rank_rounds": len(history["rounds"]),
         "train_loop": loop,  # this session's training steps alone (no loading, no evaluation)
     }
-    ckpt.write_json_atomic(run_dir / "report.json", summary)
+    write_json_atomic(run_dir / "report.json", summary)
     return summary
 
 
@@ -267,7 +268,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, progress: bool, log, pro
                 f"{procs.world} x {t.batch_size}")
     elif procs.main:
         (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-        ckpt.write_json_atomic(run_dir / "memory_plan.json", run.plan.to_dict())
+        write_json_atomic(run_dir / "memory_plan.json", run.plan.to_dict())
 
     def save_ckpt():
         rng = distributed.rng_states(procs, run.device)  # every process's dropout state, for an exact resume

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_json_atomic
+from ..atomic import write_json_atomic
 from ..method.elastic import ElasticRanks
 
 def rank_history(ranks: ElasticRanks) -> dict:
