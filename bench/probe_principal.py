@@ -29,7 +29,7 @@ def principal_start(layers) -> None:
     import torch
     import torch.nn.functional as F
 
-    from qelalora.method.layer import dequantized_base_weight
+    from qelalora.method.base_weight import dequantized_base_weight
 
     with torch.no_grad():
         for layer in layers.values():

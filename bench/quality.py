@@ -131,7 +131,7 @@ def suite(name: str) -> list[Cell]:
 
 def _load_data(cell: Cell, recipe, tokenizer, spec):
     """Tokenised train and held-out (cell.split) examples; the causal-LM blocks are cached (tokenising the docs takes a while)."""
-    from qelalora.run.records import load_task_data
+    from qelalora.run.data.records import load_task_data
 
     if spec.task == "seq-cls":
         data = load_task_data(recipe.data, spec.task, tokenizer, recipe.model.num_labels)
@@ -186,7 +186,7 @@ class ElaLoRAMethod:
 
     def __init__(self, cell: Cell, model, spec, paths, t: dict, weights_from: str):
         from qelalora.base.models import head_params
-        from qelalora.run.training import prepare_training, train_step
+        from qelalora.run.train.step import prepare_training, train_step
 
         self._train_step = train_step
         warmup = _schedule_steps(t)[0]
@@ -280,7 +280,7 @@ class PeftMethod:
         from transformers import get_linear_schedule_with_warmup
 
         from qelalora.base.models import head_params
-        from qelalora.run.training import target_shapes
+        from qelalora.run.train.step import target_shapes
 
         torch.manual_seed(cell.seed)
         heads = head_params(model, spec)
@@ -395,7 +395,8 @@ def run_cell(cell: Cell, threads: int) -> dict:
 
     from qelalora.base import embedded
     from qelalora.base.footprint import PeakRSS, current_rss_bytes
-    from qelalora.run.data import BatchStream, evaluate
+    from qelalora.run.data.batches import BatchStream
+    from qelalora.run.train.evaluate import evaluate
     from qelalora.base.models import load_base_model, target_paths
     from qelalora.run.recipe import load_recipe
 

@@ -75,11 +75,11 @@ def run(task: str, rank: int, seed: int) -> dict:
     from qelalora.base import embedded
     from qelalora.method.allocator import LayerView, plan_round
     from qelalora.method.budget import StateCost, layer_bytes
-    from qelalora.run.data import BatchStream
+    from qelalora.run.data.batches import BatchStream
     from qelalora.method.importance import triplet_scores, update_importance
     from qelalora.base.models import head_params, load_base_model, target_paths
     from qelalora.run.recipe import load_recipe
-    from qelalora.run.training import prepare_training, train_step
+    from qelalora.run.train.step import prepare_training, train_step
 
     t = TASKS[task]
     cell = Cell(task, "elalora", rank, seed, variant="", split="val")
@@ -114,7 +114,7 @@ def run(task: str, rank: int, seed: int) -> dict:
         applied = ranks.plan(b)
         for layout, group in shadows.items():
             views = [LayerView(s, l.rank, triplet_scores(sh)) for s, l, sh in zip(ranks.shapes, layers, group)]
-            plan = plan_round(views, b, ranks.k, ranks.r_min, ranks.budget_bytes, ranks.state_cost, ranks.fixed_bytes,
+            plan = plan_round(views, b, ranks.k, ranks.r_min, ranks.budget_bytes, ranks.cost, ranks.fixed_bytes,
                               ranks.max_total_rank, ranks.per_byte)
             (p1, g1), (p2, g2) = _decisions(applied), _decisions(plan)
             compared[layout].append({"step": step, "identical": p1 == p2 and g1 == g2, "prune_jaccard": _jaccard(p1, p2),

@@ -9,7 +9,6 @@ Nothing is left half-written: a failure removes the temporary folder.
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import tempfile
 import time
@@ -20,8 +19,10 @@ import numpy as np
 import torch
 
 from qelalora.base.footprint import release_free_heap
+from qelalora.run.data.batches import collate
 from qelalora.errors import RunDirError, UserError
-from qelalora.atomic import write_json_atomic
+from qelalora.run.folder.layout import RunFolder, read_json, write_json_atomic
+from qelalora.units import fmt_mib
 
 from . import genai, graphs, layout, parity, streamed
 from . import mobile as mobile_format
@@ -39,15 +40,13 @@ FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-i
 
 
 def _example_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    from qelalora.run.data import collate
-
     batch = collate(examples[:2], pad_id)
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def _heads(run: TrainedRun) -> dict[str, torch.Tensor]:
     """The run's trained head tensors by parameter name (a task's classifier travels with its adapter)."""
-    config = json.loads((run.run_dir / "adapter" / "adapter_config.json").read_text())
+    config = read_json(RunFolder(run.run_dir).adapter_config)
     params = dict(run.model.named_parameters())
     return {name: params[name].detach() for name in config["heads"]}
 
@@ -171,13 +170,13 @@ def export_run(
         dtypes = write_page(out_dir, assets=web)
         log(f"wrote {out_dir / PAGE} (transformers.js; precisions {', '.join(dtypes)}): qelalora serve {out_dir}")
     own = sum(info["files"].get(n, 0) for n in (info["file"], info["file"] + "_data", info["file"] + ".data"))
-    log(f"exported {fmt} to {out_dir / info['file']}: {own / 2**20:.2f} MiB (the graph and its data); max |logit diff| "
+    log(f"exported {fmt} to {out_dir / info['file']}: {fmt_mib(own, 2)} (the graph and its data); max |logit diff| "
         f"{result['max_abs_logit_diff']:.2e}; {result['metric']} {result['metric_onnx']:.4g} "
         f"(PyTorch {result['metric_pytorch']:.4g})"
         + (f"; greedy tokens equal: {result['greedy_tokens_equal']}" if "greedy_tokens_equal" in result else ""))
     if mobile:
         ort_file = info["mobile"]["file"]
-        log(f"wrote {out_dir / ort_file} for ONNX Runtime Mobile: {info['files'][ort_file] / 2**20:.2f} MiB; "
+        log(f"wrote {out_dir / ort_file} for ONNX Runtime Mobile: {fmt_mib(info['files'][ort_file], 2)}; "
             f"max |logit diff| {info['mobile']['parity']['max_abs_logit_diff']:.2e}; operators for a reduced build in "
             f"{out_dir / info['mobile']['operators']}")
     return info

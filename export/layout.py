@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from qelalora.atomic import write_json_atomic
+from qelalora.run.folder.layout import RunFolder, write_json_atomic
 from qelalora.errors import RunDirError, UserError
 
 from .graph_files import referenced_files
@@ -88,8 +88,9 @@ def run_fingerprint(run_dir: Path) -> str:
     """What identifies a trained run's weights: the SHA-256 of its adapter files (precisions of one run may share
     a folder; another run's may not)."""
     digest = hashlib.sha256()
-    for name in ("adapter/adapter.safetensors", "adapter/adapter_config.json"):
-        with (Path(run_dir) / name).open("rb") as f:
+    folder = RunFolder(Path(run_dir))
+    for path in (folder.adapter_weights, folder.adapter_config):
+        with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()

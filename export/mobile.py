@@ -15,6 +15,8 @@ from pathlib import Path
 
 from qelalora.errors import UserError
 
+from .graph_files import referenced_files
+
 FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters")
 ORT_LIMIT = 2 * 2**30  # an .ort file is one flatbuffer: no external data, under 2 GiB
 
@@ -28,8 +30,6 @@ def convert(graph: Path) -> dict[str, str]:
     """Write `<graph>.ort` and `<graph>.required_operators.config` beside `graph`; returns their paths relative to
     the graph's folder's parent (the export folder)."""
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
-    from .graph_files import referenced_files
 
     size = sum(p.stat().st_size for p in referenced_files(graph))
     if size >= ORT_LIMIT:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qelalora.run.data import evaluate
+from qelalora.run.train.evaluate import evaluate
 from qelalora.errors import UserError
 
 # Max |logit difference| allowed per format, per unit of the largest |logit| (at least 1): a 30-layer

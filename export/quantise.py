@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from qelalora.errors import UserError
+
 from .graph_files import write_graph
+from .runtime import empty_past
 
 INT4_ALGOS = ("rtn", "hqq", "k-quant", "gptq")
 HEADS = ("same", "int8", "float")  # the output projection: quantised like the rest, 8-bit (RTN), or left in float
@@ -70,8 +73,6 @@ class WeightOnly:
 
     def check(self, fmt: str) -> None:
         """Stop with a clear error when these settings cannot apply to `fmt` (before any slow work)."""
-        from qelalora.errors import UserError
-
         if self.algo not in INT4_ALGOS:
             raise UserError(f"--int4-algo: one of {', '.join(INT4_ALGOS)}, got {self.algo!r}")
         if self.head is not None and self.head not in HEADS:
@@ -109,8 +110,6 @@ class _QuietRootLogger:
 def calibration_feeds(model_path: Path, rows: list[list[int]]) -> list[dict[str, np.ndarray]]:
     """One batch-1 feed per token row, with whatever else the graph takes (mask, positions, an empty KV cache)."""
     import onnxruntime as ort
-
-    from .runtime import empty_past
 
     inputs = {i.name: i for i in ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).get_inputs()}
     feeds = []
@@ -151,37 +150,16 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
     given = options.int8_layers is not None
     options = options.for_task(task, bits)
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    if options.algo == "hqq":
-        config = nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
-    elif options.algo == "k-quant":
-        config = nbits.KQuantWeightOnlyQuantConfig()
-    elif options.algo == "gptq":
-        if not calibration_rows:
-            raise ValueError("gptq needs calibration examples")
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.feeds = iter(calibration_feeds(path, calibration_rows))
-
-            def get_next(self):
-                return next(self.feeds, None)
-
-        config = nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=options.block_size)
     # the embedding table's Gather too, when asked: its rows (axis 1) are what a lookup reads
     ops = {"op_types_to_quantize": ("MatMul", "Gather"), "quant_axes": (("MatMul", 0), ("Gather", 1))} if options.embeddings else {}
-    if options.algo == "rtn":
-        config = nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
-                                                    accuracy_level=options.accuracy_level, bits=bits, **ops)
+    config = _algo_config(options, bits, ops, path, calibration_rows)
     model = onnx.load(str(path))
     head = output_projection(model) if options.head != "same" else None
     found = named_matmuls(model, options.int8_layers)
     eight = [node for nodes in found.values() for node in nodes]
     if given and options.int8_layers and not eight:
-        from qelalora.errors import UserError
-
         raise UserError(f"--int8-layers {','.join(options.int8_layers)} names no MatMul of this graph; use the "
                         "names in its node paths, e.g. down_proj, v_proj, lm_head (BERT: value, output)")
     if not given:  # the task's default names: keep those this architecture has
@@ -205,6 +183,31 @@ def quantise_weights(path: Path, bits: int, options: WeightOnly, calibration_row
             quantizer.process()
     write_graph(quantizer.model.model, path)
     return options
+
+
+def _algo_config(options: WeightOnly, bits: int, ops: dict, path: Path, calibration_rows: list[list[int]] | None):
+    """ONNX Runtime's settings for the chosen weight-only algorithm (gptq reads calibration feeds of `path`)."""
+    from onnxruntime.quantization import CalibrationDataReader
+    from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+    if options.algo == "hqq":
+        return nbits.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=bits)
+    if options.algo == "k-quant":
+        return nbits.KQuantWeightOnlyQuantConfig()
+    if options.algo == "gptq":
+        if not calibration_rows:
+            raise ValueError("gptq needs calibration examples")
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = iter(calibration_feeds(path, calibration_rows))
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        return nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(), block_size=options.block_size)
+    return nbits.DefaultWeightOnlyQuantConfig(block_size=options.block_size, is_symmetric=options.symmetric,
+                                              accuracy_level=options.accuracy_level, bits=bits, **ops)
 
 
 def quantise_dynamic_int8(path: Path) -> None:

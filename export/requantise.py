@@ -23,7 +23,6 @@ def quantise_graph(path: Path, bits: int, options: WeightOnly) -> WeightOnly:
     the output projection's rule, `bits` for the rest); returns the settings."""
     import onnx
     from onnx import numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor
 
     model = onnx.load(str(path), load_external_data=False)
     head = output_projection(model)
@@ -34,13 +33,7 @@ def quantise_graph(path: Path, bits: int, options: WeightOnly) -> WeightOnly:
         for name in node.input:
             uses[name] = uses.get(name, 0) + 1
 
-    def loaded(tensor):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            load_external_data_for_tensor(tensor, str(path.parent))
-            tensor.data_location = onnx.TensorProto.DEFAULT
-            del tensor.external_data[:]
-        return tensor
-
+    loaded = _loader(path.parent)
     new_data = path.with_name(path.name + "_data.partial")
     data = DataFile(new_data)
     weights = WeightNodes(options, data)
@@ -72,6 +65,29 @@ def quantise_graph(path: Path, bits: int, options: WeightOnly) -> WeightOnly:
             initializers.append(tensor)
     finally:
         data.close()
+    _replace_graph(model, nodes, initializers, path, new_data)
+    return options
+
+
+def _loader(folder: Path):
+    """A function that reads a tensor's external data into it (the graph was loaded without its weights)."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    def loaded(tensor):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            load_external_data_for_tensor(tensor, str(folder))
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            del tensor.external_data[:]
+        return tensor
+
+    return loaded
+
+
+def _replace_graph(model, nodes: list, initializers: list, path: Path, new_data: Path) -> None:
+    """Write the quantised graph over the one at `path`, its weights in `<graph>_data` (from `new_data`)."""
+    import onnx
+
     del model.graph.initializer[:]
     model.graph.initializer.extend(initializers)
     del model.graph.node[:]
@@ -85,4 +101,3 @@ def quantise_graph(path: Path, bits: int, options: WeightOnly) -> WeightOnly:
                 entry.value = final.name
     new_data.replace(final)
     write_graph(model, path, final)
-    return options

@@ -32,7 +32,7 @@ def empty_past(inputs: dict, batch: int) -> dict[str, np.ndarray]:
 
 
 class EdgeTokenizer:
-    """The `tokenizers` library behind the small interface `qelalora.run.records` needs."""
+    """The `tokenizers` library behind the small interface `qelalora.run.data.records` needs."""
 
     def __init__(self, path: Path, eos_token_id: int | None, pad_token_id: int | None):
         from tokenizers import Tokenizer

@@ -6,7 +6,6 @@ held-out inputs for the parity check (the run's own test split).
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
 from dataclasses import dataclass
@@ -16,15 +15,12 @@ from pathlib import Path
 import torch
 
 from qelalora.base import embedded
-from qelalora.run.adapter_io import load_adapter
-from qelalora.run.records import TaskData, load_task_data
-from qelalora.errors import RunDirError
+from qelalora.run.folder.adapter_io import load_adapter
+from qelalora.run.folder.layout import RunFolder, read_json
+from qelalora.run.data.records import TaskData, load_task_data
 from qelalora.method.layer import ElaLoRALinear
 from qelalora.base.models import ArchSpec, load_base_model
 from qelalora.run.recipe import Recipe, recipe_from_dict, read_yaml
-
-NEEDED = ("recipe.yaml", "adapter/adapter.safetensors", "adapter/adapter_config.json")
-
 
 @dataclass
 class TrainedRun:
@@ -47,23 +43,18 @@ class TrainedRun:
         return load_task_data(self.recipe.data, self.task, self.tokenizer, self.recipe.model.num_labels)
 
 
-def check_run_dir(run_dir: Path) -> None:
-    missing = [n for n in NEEDED if not (run_dir / n).is_file()]
-    if missing:
-        raise RunDirError(f"{run_dir} is not a finished qelalora run (missing {', '.join(missing)}); train it first")
-
-
 def load_trained(run_dir: Path) -> TrainedRun:
     from transformers import AutoTokenizer
 
-    check_run_dir(run_dir)
-    recipe = recipe_from_dict(read_yaml(run_dir / "recipe.yaml"), str(run_dir / "recipe.yaml"))
+    folder = RunFolder(run_dir)
+    folder.require_trained()
+    recipe = recipe_from_dict(read_yaml(folder.recipe), str(folder.recipe))
     torch.manual_seed(recipe.train.seed)
     path = embedded.resolve_model(recipe.model.name)
     model, spec = load_base_model(path, recipe.model.quantize, recipe.model.num_labels, "cpu", recipe.model.trust_remote_code,
                                   task=recipe.model.task)
-    layers = load_adapter(model, run_dir / "adapter")
-    id2label = json.loads((run_dir / "adapter" / "adapter_config.json").read_text(encoding="utf-8")).get("id2label")
+    layers = load_adapter(model, folder.adapter)
+    id2label = read_json(folder.adapter_config).get("id2label")
     names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
     if names:  # class names from the training data
         model.config.id2label = dict(enumerate(names))

@@ -1,4 +1,5 @@
-"""The `qelalora` command line: train, plan, recipes, report.
+"""The `qelalora` command line: train, plan, recipes, report, export, infer, serve, eval. It parses and prints;
+the work is the run's and the exporter's.
 
 Errors the user can fix are printed as one paragraph with a non-zero exit
 code; tracebacks are kept for real bugs.
@@ -10,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +18,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import UserError
+from .run.folder.layout import EXPORT_DIR, GENAI_EXPORT_DIR
 
 app = typer.Typer(
     name="qelalora",
@@ -82,54 +83,28 @@ def train(
 
       qelalora train -r my.yaml -o runs/two --nproc 2     (or: torchrun --nproc-per-node 2 -m qelalora train ...)
     """
-    from .run.job import run_train
-    from .run.recipe import load_recipe
+    from .run.folder.layout import RunFolder
+    from .run.recipe import DEFAULT_RECIPE, load_recipe
+    from .run.train.distributed import relaunch
+    from .run.train.loop import run_train
 
     _quiet_libraries()
     if resume is not None:
         if any(v is not None for v in (recipe, budget_mb, steps, model, data, device, seed)) or set_:
             raise UserError("--resume continues a run with its saved recipe; give no recipe options with it")
         if nproc > 1:
-            _relaunch(nproc, ["--resume", str(resume)], progress)
+            relaunch(nproc, ["--resume", str(resume)], progress)
         run_train(None, resume, resume=True, progress=progress)
         return
     sets = _overrides(set_, budget_mb, steps, model, data, device, seed)
     loaded = load_recipe(recipe, sets)
     if run_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UserError("with several processes, name the run folder with -o/--run-dir so that all of them write to the same one")
-    name = Path(recipe).stem if recipe else "minilm-l6-rotten-tomatoes"
-    out = run_dir or Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = run_dir or RunFolder.new_name(Path(recipe).stem if recipe else DEFAULT_RECIPE)
     if nproc > 1:
         args = (["-r", recipe] if recipe else []) + [a for s in sets for a in ("--set", s)] + ["-o", str(out)]
-        _relaunch(nproc, args + (["--overwrite"] if overwrite else []), progress)
+        relaunch(nproc, args + (["--overwrite"] if overwrite else []), progress)
     run_train(loaded, out, overwrite=overwrite, progress=progress)
-
-
-SHUTDOWN_TIMEOUT_S = 600
-
-
-def _relaunch(nproc: int, train_args: list[str], progress: bool) -> None:
-    """Run `qelalora train ARGS` under torchrun with `nproc` processes on this machine; exits with its code."""
-    import signal
-    import subprocess
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--nproc starts torchrun itself; under torchrun, leave it out")
-    # --shutdown-timeout: after Ctrl-C or SIGTERM, workers finish the step and write a checkpoint before torchrun
-    # would SIGKILL them (its default is 30 s)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
-               "-m", "qelalora", "train", *train_args, *([] if progress else ["--no-progress"])]
-    child = subprocess.Popen(command)
-    # Ctrl-C from the terminal reaches the workers themselves; a SIGTERM sent to this process is passed on.
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))}
-    try:
-        code = child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    sys.exit(code)
 
 
 @app.command()
@@ -158,14 +133,14 @@ def plan(
 
       qelalora plan -r llama-3.1-8b --gpu-gb 24           (what fits a 24 GB card; no weights needed)
     """
-    from .run.plan import describe_gpu_fit, gpu_fit, memory_plan
+    from .run.plan.memory_plan import describe_gpu_fit, gpu_fit, memory_plan
     from .run.recipe import load_recipe
 
     _quiet_libraries()
     loaded = load_recipe(recipe, _overrides(set_, budget_mb, model=model))
     measured = None
     if measure:
-        from .run.measure import measure as run_measure
+        from .run.train.measure import measure as run_measure
 
         result, measured = run_measure(loaded)  # the run that measures makes the plan, as `train` does
     else:
@@ -179,7 +154,7 @@ def plan(
     if gpu:
         typer.echo(describe_gpu_fit(gpu))
     if measured:
-        from .run.measure import describe
+        from .run.train.measure import describe
 
         typer.echo(describe(measured))
 
@@ -234,28 +209,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A finished run folder."
 
     Example: qelalora report runs/minilm-l6-rotten-tomatoes-20261129-120000
     """
-    from .errors import RunDirError
-    from .run.report import load_json, plot_ranks
+    from .run.folder.layout import RunFolder
+    from .run.folder.report import summarise
 
-    needed = ["report.json", "rank_pattern.json", "memory.json"]
-    missing = [n for n in needed if not (run_dir / n).is_file()]
-    if missing:
-        raise RunDirError(f"{run_dir} is not a finished run (missing {', '.join(missing)})")
-    try:
-        summary, history, memory = (load_json(run_dir / n) for n in needed)
-        pictures = plot_ranks(history, run_dir)
-        typer.echo(
-            f"run {run_dir}: {summary['steps']} steps in {summary['seconds']} s\n"
-            f"  metrics: {json.dumps(summary['metrics'])}\n"
-            f"  total rank {summary['total_rank']['initial']} -> {summary['total_rank']['final']} over {summary['rank_rounds']} rounds; "
-            f"adapter state {summary['adapter_bytes_final'] / 2**20:.2f} / {summary['budget_bytes'] / 2**20:.0f} MiB\n"
-            f"  memory: predicted {memory['footprint']['total_bytes'] / 2**20:.0f} MiB, "
-            f"measured {memory['measured_training_bytes'] / 2**20:.0f} MiB for training "
-            f"(peak {memory['measured_peak_bytes'] / 2**20:.0f} MiB, {memory['measured']})\n"
-            f"  pictures: {', '.join(str(p) for p in pictures)}"
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise RunDirError(f"{run_dir} holds malformed run metadata ({type(err).__name__}: {err})") from None
+    typer.echo(summarise(RunFolder(run_dir)))
 
 
 @app.command()
@@ -263,7 +220,7 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run folder.")],
     format_: Annotated[str, typer.Option("--format", "-f", help="merged-fp32 | merged-fp16 | merged-int4 | merged-int8 (weight-only) | merged-int8-dynamic | nf4-adapters | swappable | genai (ONNX Runtime GenAI folder, decoders)")] = "nf4-adapters",
     genai_precision: Annotated[str, typer.Option(help="genai: int4-mixed (the default: the builder's fp32 graph with merged-int4's decoder mix; SmolLM2 perplexity 1.05x), int4 (the builder's own, 1.6x) or fp32 (fp16 graphs do not run on ONNX Runtime GenAI's CPU provider).")] = "int4-mixed",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN_DIR/onnx; genai: RUN_DIR/onnx-genai). Precisions of one run share a folder: config.json and the tokenizer at the top, one graph each under onnx/ (the Hub and transformers.js layout).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help=f"Output folder (default: RUN_DIR/{EXPORT_DIR}; genai: RUN_DIR/{GENAI_EXPORT_DIR}). Precisions of one run share a folder: config.json and the tokenizer at the top, one graph each under onnx/ (the Hub and transformers.js layout).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace this precision in the output folder, or the whole folder when it holds something else.")] = False,
     prune_threshold: Annotated[float, typer.Option(help="Drop triplets whose update has spectral norm below this.")] = 1e-6,
     int4_algo: Annotated[str, typer.Option(help="Weight-only algorithm of merged-int4: rtn | hqq | k-quant | gptq (calibrated on the run's training examples).")] = "rtn",
@@ -305,6 +262,7 @@ def export(
       qelalora export runs/other --adapter-only edge/other.onnx_adapter
     """
     from .export.exporter import export_adapter_only, export_run
+    from .run.folder.layout import RunFolder
 
     _quiet_libraries()
     if adapter_only is not None:
@@ -315,7 +273,7 @@ def export(
 
     eight = None if int8_layers is None else tuple(n.strip() for n in int8_layers.split(",") if n.strip() not in ("", "none"))
     quant = WeightOnly(int4_algo, int4_block_size, int4_symmetric, accuracy_level or None, head, int4_embeddings, eight)
-    export_run(run_dir, out or run_dir / ("onnx-genai" if format_ == "genai" else "onnx"), format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
+    export_run(run_dir, out or RunFolder(run_dir).export_dir(format_), format_, overwrite, prune_threshold, quant, metric_examples=metric_examples,
                genai_precision=genai_precision, web=web, mobile=mobile, genai_adapters=genai_adapters)
 
 
@@ -393,23 +351,13 @@ def evaluate_onnx(
 
       qelalora eval edge/model --data reviews.csv --split test --limit 500
     """
+    from .export.eval_data import evaluation_examples
     from .export.runtime import open_export
-    from .run.recipe import DataSection
-    from .run.records import BUILTIN, load_task_data
-    from .run.sources import HUB_PREFIX
 
     model = open_export(onnx_dir, fmt=format_)
     if adapter is not None:
         model.use_adapter(adapter)
-    section = DataSection(**model.info["data"])
-    if data is not None:
-        section.source, section.splits = data, None  # the recipe's split files belong to its own data
-    elif not (section.source in BUILTIN or section.source.startswith(HUB_PREFIX) or Path(section.source).exists()):
-        # an export names its data by file name only (no paths of the machine that wrote it)
-        raise UserError(f"this export was trained on {section.source}; pass --data PATH to that file (or to other data)")
-    if split not in ("test", "val", "train"):
-        raise UserError(f"--split must be test, val or train, got {split!r}")
-    examples = getattr(load_task_data(section, model.task, model.tokenizer, model.info.get("num_labels") or 2), split)
+    examples = evaluation_examples(model, data, split)
     result = model.evaluate(examples[:limit] if limit else examples)
     typer.echo(json.dumps(result))
 

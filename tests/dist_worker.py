@@ -8,10 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from qelalora.errors import UserError
-from qelalora.run import distributed
-from qelalora.run.job import _loss, build_run
+from qelalora.run.train import distributed
+from qelalora.run.train.step import model_loss
+from qelalora.run.train.build import build_run
 from qelalora.run.recipe import load_recipe
-from qelalora.run.training import train_step
+from qelalora.run.train.step import train_step
 
 
 def train(rank: int, world: int, port: int, recipe_path: str, out: str, steps: int, perturb: bool = False) -> None:
@@ -28,7 +29,7 @@ def train(rank: int, world: int, port: int, recipe_path: str, out: str, steps: i
         if perturb and procs.rank == 1:  # this process alone prunes one triplet more in every round
             honest = run.state.ranks.plan
             run.state.ranks.plan = lambda b: honest(b + 1)
-        losses = [train_step(run.state, next(run.stream), _loss) for _ in range(steps)]
+        losses = [train_step(run.state, next(run.stream), model_loss) for _ in range(steps)]
         tensors = {f"{name}.{t}": getattr(layer, t).detach().clone().contiguous()
                    for name, layer in run.state.layers.items() for t in ("lora_A", "lora_E", "lora_B")}
         tensors.update({f"head.{i}": p.detach().clone() for i, p in enumerate(run.state.head_params)})

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from qelalora.method.allocator import LayerView, Schedule, plan_round
+from qelalora.method.allocator import LayerView, plan_round
+from qelalora.method.schedule import Schedule
 from qelalora.method.budget import LayerShape, StateCost, adapter_bytes, layer_bytes
 
 ADAMW = StateCost("adamw")
@@ -32,7 +33,7 @@ def test_schedule_rejects_no_adjustment_phase():
 def test_prunes_exactly_b_lowest_and_grows_owners_of_highest():
     v = views([3, 3, 3], [[0.5, 0.1, 0.9], [0.2, 0.3, 0.8], [5.0, 6.0, 7.0]])
     # pools (k=2): l0 -> 0.1, 0.5; l1 -> 0.2, 0.3; l2 -> 5.0, 6.0
-    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert plan.prune == {0: [1], 1: [0]}
     assert plan.grow == {2: 2}
     assert plan.new_ranks([3, 3, 3]) == [2, 2, 5]
@@ -40,7 +41,7 @@ def test_prunes_exactly_b_lowest_and_grows_owners_of_highest():
 
 def test_ties_remove_exactly_b():
     v = views([4, 4, 4], [[1.0] * 4] * 3)
-    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert sum(len(t) for t in plan.prune.values()) == 2
     assert plan.prune == {0: [0, 1]}  # ties broken by (layer, triplet)
 
@@ -48,13 +49,13 @@ def test_ties_remove_exactly_b():
 def test_no_layer_is_pruned_and_grown_in_one_round():
     # pool is small: the same layers own both the lowest and the highest entries
     v = views([2, 2], [[0.1, 9.0], [0.2, 8.0]])
-    plan = plan_round(v, b=3, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=3, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert not set(plan.prune) & set(plan.grow)
 
 
 def test_layer_at_r_min_is_not_pruned_but_can_grow():
     v = views([1, 3], [[5.0], [0.1, 0.2, 0.3]])
-    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert 0 not in plan.prune
     assert plan.prune == {1: [0]}
     assert plan.grow == {0: 1}
@@ -62,16 +63,16 @@ def test_layer_at_r_min_is_not_pruned_but_can_grow():
 
 def test_r_min_zero_allows_leaving_the_model_and_rank_zero_never_returns():
     v = views([1, 0, 3], [[0.01], [], [1.0, 2.0, 3.0]])
-    plan = plan_round(v, b=1, k=2, r_min=0, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=1, k=2, r_min=0, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert plan.prune == {0: [0]} and 1 not in plan.grow
 
 
 def test_at_most_k_gains_and_max_rank():
     v = views([3, 3], [[0.0, 0.0, 0.0], [9.0, 8.0, 7.0]], widths=[(32, 32), (4, 32)])
-    plan = plan_round(v, b=2, k=3, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=2, k=3, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert plan.grow == {1: 1}  # min(d_in, d_out) = 4 caps layer 1 at rank 4
     v = views([3, 4], [[0.0, 0.0, 0.0], [9.0, 8.0, 7.0, 6.0]])
-    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert plan.grow == {1: 2}
 
 
@@ -84,9 +85,9 @@ def test_growth_is_refused_past_the_byte_budget():
     budget = before - layer_bytes(64, 64, 2, ADAMW) + layer_bytes(64, 64, 1, ADAMW) + (
         layer_bytes(8, 8, 3, ADAMW) - layer_bytes(8, 8, 2, ADAMW)
     )
-    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=budget, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=budget, cost=ADAMW, fixed_bytes=0)
     assert plan.grow == {1: 1} and plan.bytes_after == budget
-    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=budget - 1, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=budget - 1, cost=ADAMW, fixed_bytes=0)
     assert plan.grow == {} and plan.bytes_after <= budget - 1
 
 
@@ -94,10 +95,10 @@ def test_byte_budget_blocks_wide_growth_that_a_rank_count_budget_allows():
     widths = [(512, 512), (8, 8), (8, 8)]
     scores = [[7.0, 8.0], [0.1, 0.2], [0.3, 0.4]]
     budget = adapter_bytes([LayerShape("x", *w) for w in widths], [2, 2, 2], ADAMW, 0)
-    by_bytes = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=budget, opt=ADAMW, fixed_bytes=0)
+    by_bytes = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=budget, cost=ADAMW, fixed_bytes=0)
     # two narrow triplets cannot pay for a wide one, and nobody else can grow: the slots go back, nothing changes
     assert by_bytes.prune == {} and by_bytes.grow == {} and by_bytes.bytes_after == by_bytes.bytes_before
-    by_rank = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0, max_total_rank=6)
+    by_rank = plan_round(views([2, 2, 2], scores, widths), b=2, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0, max_total_rank=6)
     assert by_rank.new_ranks([2, 2, 2]) == [4, 1, 1]
 
 
@@ -105,7 +106,7 @@ def test_fewer_prunable_than_b_grows_as_many_as_were_pruned():
     # r_min = 2: l0 and l3 cannot be pruned, l1 and l2 only once each: 2 prunes, so 2 growth slots
     scores = [[7.0, 8.0], [0.1, 0.2, 0.3], [0.4, 0.5, 0.6], [9.0, 10.0]]
     ranks = [2, 3, 3, 2]
-    kw = dict(b=3, k=2, r_min=2, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    kw = dict(b=3, k=2, r_min=2, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     free = plan_round(views(ranks, scores, [(16, 16)] * 4), **kw)
     capped = plan_round(views(ranks, scores, [(16, 16)] * 4), **kw, max_total_rank=9)
     assert free.new_ranks(ranks) == [2, 2, 2, 4]  # l3 (strongest pool entries) takes both, k = 2
@@ -115,7 +116,7 @@ def test_fewer_prunable_than_b_grows_as_many_as_were_pruned():
 def test_a_slot_refused_by_a_pruned_owner_passes_to_the_next_candidate():
     # l0 owns both the weakest and the strongest pool entry: it is pruned, so its slot goes to l2, the next strongest
     v = views([3, 3, 3], [[0.01, 9.0, 9.5], [0.5, 0.6, 0.7], [0.8, 0.9, 1.0]])
-    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=1, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert plan.prune == {0: [0]} and plan.grow == {2: 1}
     assert sum(plan.new_ranks([3, 3, 3])) == 9
 
@@ -124,7 +125,7 @@ def test_slots_go_beyond_the_pool_when_the_pool_cannot_take_them():
     # k = 2; l0 has one triplet (one pool entry) and l1, l2 are pruned: once the pool is spent, the second
     # slot still reaches l0, the only layer that can take it
     v = views([1, 3, 3], [[10.0], [0.1, 0.2, 0.3], [0.15, 0.25, 0.35]])
-    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(v, b=2, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert plan.prune == {1: [0], 2: [0]}
     assert plan.grow == {0: 2}
 
@@ -137,7 +138,7 @@ def test_total_rank_is_kept_over_many_rounds_of_random_scores():
     budget = adapter_bytes([LayerShape("x", *w) for w in shapes], ranks, ADAMW, 0)
     for _ in range(200):
         scores = [torch.rand(r, generator=g).tolist() for r in ranks]
-        plan = plan_round(views(ranks, scores, shapes), b=4, k=2, r_min=1, budget_bytes=budget, opt=ADAMW, fixed_bytes=0)
+        plan = plan_round(views(ranks, scores, shapes), b=4, k=2, r_min=1, budget_bytes=budget, cost=ADAMW, fixed_bytes=0)
         ranks = plan.new_ranks(ranks)
         assert plan.bytes_after <= budget
     assert sum(ranks) == 48 and len(set(ranks)) > 1
@@ -154,7 +155,7 @@ def _plans_json(seed: int) -> str:
         widths = [tuple(torch.randint(6, 40, (2,), generator=g).tolist()) for _ in range(n)]
         scores = [(torch.rand(r, generator=g) * 10).round().tolist() for r in ranks]  # rounded: many ties
         budget = adapter_bytes([LayerShape("x", *w) for w in widths], ranks, ADAMW, 0) + int(torch.randint(0, 20000, (1,), generator=g))
-        plan = plan_round(views(ranks, scores, widths), b=3, k=2, r_min=1, budget_bytes=budget, opt=ADAMW, fixed_bytes=0)
+        plan = plan_round(views(ranks, scores, widths), b=3, k=2, r_min=1, budget_bytes=budget, cost=ADAMW, fixed_bytes=0)
         out.append([sorted(plan.prune.items()), sorted(plan.grow.items()), plan.bytes_after])
     return json.dumps(out)
 
@@ -177,7 +178,7 @@ def test_every_process_makes_the_same_plans():
 def test_freed_slots_that_no_layer_can_take_go_back(ranks):
     """When every layer able to grow was pruned in the round (few layers, large b), the round keeps total rank."""
     scores = [[0.1 * (i + 1) + t for t in range(r)] for i, r in enumerate(ranks)]
-    plan = plan_round(views(ranks, scores, [(16, 16)] * len(ranks)), b=4, k=2, r_min=0, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    plan = plan_round(views(ranks, scores, [(16, 16)] * len(ranks)), b=4, k=2, r_min=0, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     assert sum(plan.new_ranks(ranks)) == sum(ranks)
     assert plan.bytes_after == plan.bytes_before
 
@@ -187,7 +188,7 @@ def test_per_byte_weighs_scores_by_what_a_triplet_costs():
     # l1's (0.2), by score per byte it is the cheapest to lose (0.3 / 4 < 0.2)
     widths = [(128, 128), (32, 32), (32, 32)]
     scores = [[0.3, 2.0], [0.2, 1.0], [0.5, 0.6]]
-    kw = dict(b=1, k=2, r_min=1, budget_bytes=BIG, opt=ADAMW, fixed_bytes=0)
+    kw = dict(b=1, k=2, r_min=1, budget_bytes=BIG, cost=ADAMW, fixed_bytes=0)
     by_score = plan_round(views([2, 2, 2], scores, widths), **kw)
     assert by_score.prune == {1: [0]} and by_score.grow == {0: 1}  # l0's 2.0 is the strongest score
     per_byte = plan_round(views([2, 2, 2], scores, widths), **kw, per_byte=True)
@@ -202,7 +203,7 @@ def test_per_byte_weighs_scores_by_what_a_triplet_costs():
 def test_per_byte_is_the_score_order_when_layers_are_alike(opt):
     # alike layers at different ranks: the 8-bit optimiser's block rounding must not tip the order
     v = lambda: views([8, 9, 3], [[0.5, 0.1] + [0.9] * 6, [0.1, 0.3] + [0.8] * 7, [5.0, 6.0, 7.0]])  # noqa: E731
-    a = plan_round(v(), b=1, k=2, r_min=1, budget_bytes=BIG, opt=opt, fixed_bytes=0)
-    b = plan_round(v(), b=1, k=2, r_min=1, budget_bytes=BIG, opt=opt, fixed_bytes=0, per_byte=True)
+    a = plan_round(v(), b=1, k=2, r_min=1, budget_bytes=BIG, cost=opt, fixed_bytes=0)
+    b = plan_round(v(), b=1, k=2, r_min=1, budget_bytes=BIG, cost=opt, fixed_bytes=0, per_byte=True)
     assert a.prune == {0: [1]} and a.grow == {2: 1}  # the tie between l0 and l1 goes to the lower layer index
     assert (a.prune, a.grow) == (b.prune, b.grow)

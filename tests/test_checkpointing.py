@@ -7,7 +7,7 @@ import torch
 
 from qelalora.method.config import ElaLoRAConfig
 from qelalora.base.models import head_params, load_base_model, target_paths
-from qelalora.run.training import prepare_training
+from qelalora.run.train.step import prepare_training
 from tests.cli_helpers import run_cli
 from tests.helpers import cls_batches, hf_loss, lm_batches
 

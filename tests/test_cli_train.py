@@ -8,7 +8,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qelalora.run.adapter_io import load_adapter
+from qelalora.run.folder.adapter_io import load_adapter
 from qelalora.base.models import load_base_model
 from tests.cli_helpers import cli_process, run_cli, write_cls_data, write_lm_data, write_recipe
 
@@ -125,12 +125,13 @@ def test_plan_measure_runs_two_steps_and_sets_them_beside_the_plan(tmp_path, tin
     assert 0.9 < tensors["step_peak_above_resident"] / predicted["activations"] < 1.1
     assert 0.9 < tensors["eval_peak_above_resident"] / predicted["evaluation"] < 1.1
     assert predicted["process_total"] > predicted["total"]  # the CPU process: + code, tokeniser, C heap
-    from qelalora.run import job, plan
+    from qelalora.run.plan import memory_plan as plan
+    from qelalora.run.train import build
 
     made = []
     real = plan.memory_plan
     monkeypatch.setattr(plan, "memory_plan", lambda *a, **k: made.append(1) or real(*a, **k))
-    monkeypatch.setattr(job, "memory_plan", plan.memory_plan)
+    monkeypatch.setattr(build, "memory_plan", plan.memory_plan)
     code, out, _ = run_cli(capsys, "plan", "-r", str(recipe), "--measure")
     assert code == 0 and "tensors" in out and "steps above that (activations)" in out
     assert len(made) == 1  # the run that measures uses the plan printed, not a second trace

@@ -38,7 +38,7 @@ def js_dir():
 
 
 def _train(tmp_path_factory, name, model_dir, causal):
-    from qelalora.run.job import run_train
+    from qelalora.run.train.loop import run_train
     from qelalora.run.recipe import load_recipe
 
     folder = tmp_path_factory.mktemp(name)

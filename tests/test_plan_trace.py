@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from qelalora.base.footprint import TensorBytes
 from qelalora.base.models import arch_spec, head_params, target_paths, wrap_linears
-from qelalora.run.trace import _trace, trace_step_bytes
+from qelalora.run.plan.trace import _trace, trace_step_bytes
 from tests.conftest import llama_config
 
 BATCH, SEQ = 4, 32
@@ -71,7 +71,7 @@ def test_tracing_allocates_nothing_for_a_large_config():
 def test_the_plan_traces_a_classifier_in_either_compute_dtype(tiny_bert_dir, device, capsys):
     """On CUDA the plan traces in bf16 with the trained head upcast to fp32, as a run loads them; nothing falls
     back to the formula."""
-    from qelalora.run.plan import memory_plan
+    from qelalora.run.plan.memory_plan import memory_plan
     from qelalora.run.recipe import recipe_from_dict
 
     recipe = recipe_from_dict({"model": {"name": tiny_bert_dir, "task": "seq-cls"}, "data": {"max_length": 32},

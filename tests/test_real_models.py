@@ -25,7 +25,7 @@ def test_minilm_on_rotten_tomatoes_beats_majority_within_budget(tmp_path, capsys
     assert len(history["rounds"]) == 6 and all(r["adapter_bytes"] <= budget for r in history["rounds"])
     assert any(r["pruned"] for r in history["rounds"]) and any(r["grown"] for r in history["rounds"])
     # majority class of the 2,000-snippet test split: 'fresh', 57.8% of the whole set
-    from qelalora.run.records import rotten_tomatoes
+    from qelalora.run.data.records import rotten_tomatoes
 
     rows = rotten_tomatoes()
     majority = max(sum(r["label"] for r in rows), len(rows) - sum(r["label"] for r in rows)) / len(rows)

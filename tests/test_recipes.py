@@ -26,7 +26,7 @@ def test_default_recipe_is_the_embedded_minilm_job():
 
 def test_the_default_jobs_classes_have_names():
     """Rotten Tomatoes' labels are 0 = rotten, 1 = fresh: the exported config's id2label says negative / positive."""
-    from qelalora.run.records import load_task_data
+    from qelalora.run.data.records import load_task_data
     from tests.conftest import tiny_tokenizer
 
     section = load_recipe(None).data

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qelalora.run import checkpoint as ckpt
+from qelalora.run.train import checkpoint as ckpt
 from qelalora.errors import UserError
 from qelalora.run.recipe import recipe_from_dict
 from tests.cli_helpers import run_cli, write_cls_data, write_recipe
@@ -135,7 +135,7 @@ def test_output_folder_not_writable(capsys, tmp_path, bert_recipe):
 
 
 def test_out_of_memory_gives_advice(capsys, tmp_path, bert_recipe, monkeypatch):
-    from qelalora.run import job
+    from qelalora.run.train import loop as job
 
     real = job.train_step
 
@@ -217,7 +217,7 @@ class _SplitTokenizer:
 ), st.sampled_from(["seq-cls", "causal-lm"]))
 def test_fuzzed_data_files(tmp_path, suffix, content, task):
     from qelalora.run.recipe import DataSection
-    from qelalora.run.records import load_task_data
+    from qelalora.run.data.records import load_task_data
 
     path = tmp_path / f"data{suffix}"
     path.write_bytes(content)
@@ -237,7 +237,7 @@ message = st.dictionaries(st.sampled_from(["role", "content", "name"]),
                                 max_size=2), max_size=6), st.booleans())
 def test_fuzzed_chat_records(tmp_path, records, packing):
     from qelalora.run.recipe import DataSection
-    from qelalora.run.records import load_task_data
+    from qelalora.run.data.records import load_task_data
     from tests.conftest import tiny_tokenizer
     from tests.test_data_sources import CHAT_TEMPLATE
 

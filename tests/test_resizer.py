@@ -4,7 +4,7 @@ import torch
 from qelalora.method.allocator import RoundPlan
 from qelalora.method.resizer import apply_plan, resize_layer
 from qelalora.method.starts import NEW_TRIPLET_E, orthogonal_unit_rows
-from qelalora.run.training import build_optimizer
+from qelalora.run.train.step import build_optimizer
 from tests.helpers import plain_layer
 
 

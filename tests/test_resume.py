@@ -101,7 +101,7 @@ def test_ctrl_c_checkpoints_and_damaged_checkpoint_falls_back(tmp_path, tiny_ber
 @pytest.mark.slow
 def test_ten_sigkills_at_random_moments(tmp_path, tiny_bert_dir):
     """SIGKILL at random moments (three of them aimed at a checkpoint being written); every trial ends equal."""
-    from qelalora.run.checkpoint import list_checkpoints, verify
+    from qelalora.run.train.checkpoint import list_checkpoints, verify
 
     recipe = str(write_recipe(
         tmp_path / "r.yaml", tiny_bert_dir, write_cls_data(tmp_path / "d.jsonl"),

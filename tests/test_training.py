@@ -2,10 +2,10 @@ import torch
 import torch.nn as nn
 from transformers import get_linear_schedule_with_warmup
 
-from qelalora.method.budget import measure_adapter_bytes
+from qelalora.method.layer import measure_adapter_bytes
 from qelalora.method.config import ElaLoRAConfig
 from qelalora.base.models import head_params, load_base_model, target_paths
-from qelalora.run.training import prepare_training, train
+from qelalora.run.train.step import prepare_training, train
 from tests.helpers import cls_batches, hf_loss, lm_batches
 
 
@@ -43,7 +43,7 @@ def test_budget_holds_at_every_step_with_frequent_rounds(tiny_llama_dir):
 
 
 def test_training_continues_after_evaluation_on_nf4(tiny_bert_dir):
-    from qelalora.run.data import evaluate
+    from qelalora.run.train.evaluate import evaluate
 
     torch.manual_seed(0)
     model, spec = load_base_model(tiny_bert_dir, quantize="nf4")
@@ -59,7 +59,8 @@ def test_training_continues_after_evaluation_on_nf4(tiny_bert_dir):
 
 
 def test_evaluation_batches_by_length_and_scores_as_one_batch(tiny_bert_dir, tiny_llama_dir):
-    from qelalora.run.data import eval_batches, evaluate
+    from qelalora.run.data.batches import eval_batches
+    from qelalora.run.train.evaluate import evaluate
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 30, (23,), generator=g).tolist()

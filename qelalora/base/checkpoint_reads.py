@@ -13,6 +13,9 @@ only how the bytes are read: each tensor is read from the file into memory of
 its own (on the CPU; elsewhere through a mapping of its own, unmapped at
 once). The peak of a load becomes the NF4 weights, the float tensors that
 stay float, and the largest single tensor.
+
+`full_precision_weights` reads a checkpoint's own (unquantised) weights of some layers, one at a time, for
+the residual start.
 """
 
 from __future__ import annotations
@@ -22,8 +25,12 @@ import functools
 import json
 import os
 import struct
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
+
+from ..errors import UserError
 
 
 class _Slice:
@@ -139,3 +146,49 @@ def checkpoint_mapped() -> bool:
 
     maps = Path("/proc/self/maps")
     return maps.exists() and any(line.rstrip().endswith(".safetensors") for line in maps.read_text().splitlines())
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        return [model_dir / n for n in names]
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def _local_folder(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def full_precision_weights(name_or_path: str, paths: Sequence[str], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's own (unquantised) weight of each module path, one at a time, as fp32.
+
+    Checkpoints name tensors with or without the model's base prefix (`bert.`,
+    `model.`), so both spellings are tried.
+    """
+    from safetensors import safe_open
+
+    files = _weight_files(_local_folder(name_or_path))
+    if not files:
+        raise UserError(f"the residual start needs the model's safetensors weights; none found for {name_or_path!r}")
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(f, framework="pt") as handle:
+            for key in handle.keys():
+                where[key] = f
+    for path in paths:
+        candidates = [f"{path}.weight"]
+        if prefix and path.startswith(prefix + "."):
+            candidates.append(f"{path[len(prefix) + 1:]}.weight")
+        elif prefix:
+            candidates.append(f"{prefix}.{path}.weight")
+        key = next((k for k in candidates if k in where), None)
+        if key is None:
+            raise UserError(f"the residual start cannot find {path}'s weight in {name_or_path!r} (tried {candidates})")
+        with safe_open(where[key], framework="pt") as handle:
+            yield path, handle.get_tensor(key).float()

@@ -250,5 +250,3 @@ class TensorBytes(TorchDispatchMode):
         self.live_small -= n if n < self.small else 0
 
 
-def fmt_mib(n: int | float) -> str:
-    return f"{n / 2**20:,.1f} MiB"

@@ -182,10 +182,16 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, bnb.nn.Linear4bit)
 
 
+def base_model_prefix(model: nn.Module) -> str:
+    """Where the base model sits in a task model (`bert`, `model`), or "" when the model is its own base.
+    Checkpoints name their tensors with or without it; table specs count their block paths from it."""
+    return model.base_model_prefix if model.base_model is not model else ""
+
+
 def target_paths(model: nn.Module, spec: ArchSpec, targets: Sequence[str] | str | None) -> list[str]:
     """Full module paths of the target linears, in block order then target order."""
     targets = select_targets(spec, targets)
-    prefix = model.base_model_prefix if model.base_model is not model and not spec.discovered else ""
+    prefix = "" if spec.discovered else base_model_prefix(model)  # a discovered spec's paths start at the model
     blocks_path = f"{prefix}.{spec.blocks}" if prefix else spec.blocks
     blocks = model.get_submodule(blocks_path)
     return [f"{blocks_path}.{i}.{spec.targets[t]}" for i in range(len(blocks)) for t in targets]

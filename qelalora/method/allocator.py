@@ -8,49 +8,12 @@ that holds the same scores makes the same plan.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from .budget import LayerShape, StateCost, adapter_bytes, layer_bytes
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """Steps are counted from 1 (the step just taken by the optimiser)."""
-
-    total_steps: int
-    t_init: int  # warm-up: no rank changes up to and including this step
-    t_final: int  # stabilisation: the last t_final steps change nothing
-    delta: int  # steps between rounds
-    b0: int  # triplets pruned (and offered for growth) per round at the start
-
-    def __post_init__(self):
-        if self.delta < 1:
-            raise ValueError("delta must be >= 1")
-        if self.t_init < 0 or self.t_final < 0 or self.b0 < 0:
-            raise ValueError("t_init, t_final and b0 must be >= 0")
-        if self.t_init + self.t_final >= self.total_steps:
-            raise ValueError(
-                f"warm-up ({self.t_init}) + stabilisation ({self.t_final}) steps leave no adjustment phase "
-                f"in {self.total_steps} total steps"
-            )
-
-    @property
-    def stabilisation_start(self) -> int:
-        return self.total_steps - self.t_final
-
-    def updates_scores(self, step: int) -> bool:
-        return step < self.stabilisation_start
-
-    def round_size(self, step: int) -> int | None:
-        """b_t if a round runs after `step`, else None. b_t = round(b0 (1 - p^3))."""
-        if not (self.t_init < step < self.stabilisation_start) or (step - self.t_init) % self.delta:
-            return None
-        progress = (step - self.t_init) / (self.stabilisation_start - self.t_init)
-        return math.floor(self.b0 * (1.0 - progress**3) + 0.5)
 
 
 @dataclass(frozen=True)
@@ -112,8 +75,8 @@ def _growth_order(layers: Sequence[LayerView], pool: list[_Candidate], weights: 
     return [c.layer for c in sorted(pool, key=key) + sorted(rest, key=key)]
 
 
-def _one_more_triplet_bytes(shape: LayerShape, rank: int, opt: StateCost) -> int:
-    return layer_bytes(shape.d_in, shape.d_out, rank + 1, opt) - layer_bytes(shape.d_in, shape.d_out, rank, opt)
+def _one_more_triplet_bytes(shape: LayerShape, rank: int, cost: StateCost) -> int:
+    return layer_bytes(shape.d_in, shape.d_out, rank + 1, cost) - layer_bytes(shape.d_in, shape.d_out, rank, cost)
 
 
 def plan_round(
@@ -122,7 +85,7 @@ def plan_round(
     k: int,
     r_min: int,
     budget_bytes: int,
-    opt: StateCost,
+    cost: StateCost,
     fixed_bytes: int,
     max_total_rank: int | None = None,
     per_byte: bool = False,
@@ -144,7 +107,7 @@ def plan_round(
     """
     shapes = [v.shape for v in layers]
     ranks = [v.rank for v in layers]
-    plan = RoundPlan(bytes_before=adapter_bytes(shapes, ranks, opt, fixed_bytes))
+    plan = RoundPlan(bytes_before=adapter_bytes(shapes, ranks, cost, fixed_bytes))
     # A triplet's bytes are proportional to its elements (a row of A, one E, a column of B) for every optimiser,
     # up to the 8-bit optimiser's block rounding, which would make alike layers at different ranks disagree.
     weights = [1.0 / (v.shape.d_in + v.shape.d_out + 1) if per_byte else 1.0 for v in layers]
@@ -153,48 +116,72 @@ def plan_round(
         plan.bytes_after = plan.bytes_before
         return plan
 
+    pruned = _prune(plan, pool, b)
+    room = _Room(shapes, plan.new_ranks(ranks), budget_bytes, cost, fixed_bytes, max_total_rank)
+    slots = _grow(plan, room, _growth_order(layers, pool, weights), len(pruned), k)
+    _give_back(plan, room, pruned, slots)
+    plan.bytes_after = room.used
+    return plan
+
+
+def _prune(plan: RoundPlan, pool: list[_Candidate], b: int) -> list[_Candidate]:
+    """The b weakest prunable pool entries, recorded in `plan` (triplet indices in order per layer)."""
     ascending = sorted(pool, key=lambda c: (c.score, c.layer, c.triplet))
     pruned = [c for c in ascending if c.prunable][:b]
     for cand in pruned:
         plan.prune.setdefault(cand.layer, []).append(cand.triplet)
     for triplets in plan.prune.values():
         triplets.sort()
+    return pruned
 
-    slots = sum(len(t) for t in plan.prune.values())
-    new_ranks = plan.new_ranks(ranks)
-    used = adapter_bytes(shapes, new_ranks, opt, fixed_bytes)
-    order = _growth_order(layers, pool, weights)
+
+class _Room:
+    """The ranks after pruning and the bytes they use; a layer gets one more triplet only while the budget (and
+    the optional total-rank cap) allows it."""
+
+    def __init__(self, shapes: Sequence[LayerShape], ranks: list[int], budget_bytes: int, cost: StateCost,
+                 fixed_bytes: int, max_total_rank: int | None):
+        self.shapes, self.ranks, self.budget_bytes, self.cost = shapes, ranks, budget_bytes, cost
+        self.max_total_rank = max_total_rank
+        self.used = adapter_bytes(shapes, ranks, cost, fixed_bytes)
+
+    def add_triplet(self, li: int) -> bool:
+        extra = _one_more_triplet_bytes(self.shapes[li], self.ranks[li], self.cost)
+        if self.used + extra > self.budget_bytes or (self.max_total_rank is not None and sum(self.ranks) >= self.max_total_rank):
+            return False
+        self.used += extra
+        self.ranks[li] += 1
+        return True
+
+
+def _grow(plan: RoundPlan, room: _Room, order: list[int], slots: int, k: int) -> int:
+    """Offer the freed slots down `order`; returns the slots no layer took."""
     while slots:  # a layer with fewer than k triplets in the order may take a second slot on a later pass
         granted = 0
         for li in order:
             if slots == 0:
                 break
-            shape = shapes[li]
-            if li in plan.prune or plan.grow.get(li, 0) >= k or new_ranks[li] >= shape.max_rank:
+            if li in plan.prune or plan.grow.get(li, 0) >= k or room.ranks[li] >= room.shapes[li].max_rank:
                 continue
-            extra = _one_more_triplet_bytes(shape, new_ranks[li], opt)
-            if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
+            if not room.add_triplet(li):
                 continue
-            used += extra
-            new_ranks[li] += 1
             plan.grow[li] = plan.grow.get(li, 0) + 1
             slots -= 1
             granted += 1
         if not granted:
             break
-    # A slot no layer could take goes back to the triplet it came from, strongest pruned first: a round never
-    # lowers total rank just because the pruned layers were the only ones able to grow.
+    return slots
+
+
+def _give_back(plan: RoundPlan, room: _Room, pruned: list[_Candidate], slots: int) -> None:
+    """A slot no layer could take goes back to the triplet it came from, strongest pruned first: a round never
+    lowers total rank just because the pruned layers were the only ones able to grow."""
     for cand in reversed(pruned):
         if slots == 0:
             break
-        extra = _one_more_triplet_bytes(shapes[cand.layer], new_ranks[cand.layer], opt)
-        if used + extra > budget_bytes or (max_total_rank is not None and sum(new_ranks) >= max_total_rank):
+        if not room.add_triplet(cand.layer):
             continue
-        used += extra
-        new_ranks[cand.layer] += 1
         plan.prune[cand.layer].remove(cand.triplet)
         if not plan.prune[cand.layer]:
             del plan.prune[cand.layer]
         slots -= 1
-    plan.bytes_after = used
-    return plan

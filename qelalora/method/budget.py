@@ -4,7 +4,7 @@ The budget covers what rank allocation controls: every trainable tensor's
 value, gradient and optimiser state, plus the importance-score EMAs of each
 adapter tensor. Costs are exact functions of tensor sizes for the configured
 optimiser and score layout, so the planner's prediction equals what
-`measure_adapter_bytes` reads off the real tensors.
+`qelalora.method.layer.measure_adapter_bytes` reads off the real tensors. Pure arithmetic: no torch.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import torch
-
-from .config import SCORE_STATES
+from .config import OPTIMIZERS, SCORE_STATES
 from ..errors import UserError
-from .layer import ADAPTER_TENSORS, ElaLoRALinear
+from ..units import fmt_mib, mib
 
 FP32 = 4
 BF16 = 2
@@ -42,7 +40,7 @@ class StateCost:
             return 2 * FP32 * n + FP32  # exp_avg, exp_avg_sq, and the fp32 `step` scalar
         if self.optimizer == "adamw8bit":
             return 2 * n + 2 * FP32 * math.ceil(n / BNB_BLOCK)  # uint8 moments + per-block absmax
-        raise ValueError(f"unknown optimiser {self.optimizer!r}; choose 'adamw' or 'adamw8bit'")
+        raise ValueError(f"unknown optimiser {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
 
     def shared_bytes(self) -> int:
         """State shared by all parameters (bitsandbytes' quantisation maps)."""
@@ -109,10 +107,6 @@ class RankPlan:
         return self.adapter_bytes / self.budget_bytes
 
 
-def mib(n_bytes: int | float) -> float:
-    return n_bytes / 2**20
-
-
 def plan_initial_rank(
     shapes: Sequence[LayerShape],
     budget_bytes: int,
@@ -147,8 +141,8 @@ def plan_initial_rank(
         used = adapter_bytes(shapes, [rank] * len(shapes), cost, fixed)
         if used > budget_bytes:
             raise BudgetError(
-                f"rank {rank} needs {mib(used):.2f} MiB of adapter state but the budget is "
-                f"{mib(budget_bytes):.2f} MiB; lower the rank or use rank: auto"
+                f"rank {rank} needs {fmt_mib(used, 2)} of adapter state but the budget is "
+                f"{fmt_mib(budget_bytes, 2)}; lower the rank or use rank: auto"
             )
         return RankPlan(rank, "requested", used, budget_bytes, min_budget)
     cap = min(max_init_rank, width_cap)
@@ -169,35 +163,3 @@ def plan_initial_rank(
     return RankPlan(best, binding, used, budget_bytes, min_budget)
 
 
-def measure_adapter_bytes(
-    layers: Sequence[ElaLoRALinear], extra_params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer | None
-) -> int:
-    """Adapter-state bytes read off the real tensors.
-
-    Counts each trainable tensor's value, its gradient as the same size (it
-    exists at the step's peak, whether or not it is allocated right now), every
-    tensor in its optimiser state (shared ones once), and the score EMAs.
-    """
-    seen: set[int] = set()
-    total = 0
-
-    def count(t: torch.Tensor) -> None:
-        nonlocal total
-        key = t.data_ptr() if t.numel() else id(t)
-        if key in seen:
-            return
-        seen.add(key)
-        total += t.numel() * t.element_size()
-
-    params = [p for layer in layers for p in layer.adapter_params()] + list(extra_params)
-    for p in params:
-        total += 2 * p.numel() * p.element_size()
-        if optimizer is not None:
-            for value in optimizer.state.get(p, {}).values():
-                if torch.is_tensor(value):
-                    count(value)
-    for layer in layers:
-        for name in ADAPTER_TENSORS:
-            for buf in layer.score_buffers(name):
-                total += buf.numel() * buf.element_size()
-    return total

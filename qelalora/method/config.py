@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..units import MIB
+from .schedule import Schedule
+
 # The paper's configuration: gaussian start, s = alpha / r0, the plain
 # orthogonality regulariser at 0.1, one learning rate, fp32 score EMAs per element.
 PRESETS: dict[str, dict] = {
@@ -33,6 +36,7 @@ REGULARISER_FORMS = ("plain", "squared", "rank-normalised")
 GAMMA_DECAYS = ("none", "linear")
 SCORE_STATES = ("element", "element-bf16", "triplet")  # see qelalora.method.importance
 ALLOCATIONS = ("score", "per-byte")  # see qelalora.method.allocator.plan_round
+OPTIMIZERS = ("adamw", "adamw8bit")  # torch.optim.AdamW | bitsandbytes' AdamW8bit (see qelalora.method.budget.StateCost)
 
 
 @dataclass
@@ -68,7 +72,7 @@ class ElaLoRAConfig:
 
     @property
     def budget_bytes(self) -> int:
-        return int(self.budget_mb * 2**20)
+        return int(self.budget_mb * MIB)
 
     def gamma_at(self, step: int, total_steps: int) -> float:
         """The regulariser's weight at `step` (counted from 0 before the first update)."""
@@ -76,9 +80,7 @@ class ElaLoRAConfig:
             return self.gamma * max(0.0, 1.0 - step / total_steps)
         return self.gamma
 
-    def schedule(self, total_steps: int):
-        from .allocator import Schedule  # torch-free import of this module for the edge path
-
+    def schedule(self, total_steps: int) -> Schedule:
         return Schedule(
             total_steps=total_steps,
             t_init=steps_of(self.t_init, total_steps),

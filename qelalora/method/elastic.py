@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .allocator import LayerView, RoundPlan, Schedule, plan_round
+from .allocator import LayerView, RoundPlan, plan_round
+from .schedule import Schedule
 from .budget import LayerShape, StateCost, adapter_bytes
 from .importance import triplet_scores, update_importance
 from .layer import ElaLoRALinear
@@ -37,7 +38,7 @@ class ElasticRanks:
     shapes: Sequence[LayerShape]
     schedule: Schedule
     budget_bytes: int
-    state_cost: StateCost
+    cost: StateCost
     fixed_bytes: int  # heads + optimiser state shared by all parameters
     k: int = 2
     r_min: int = 1
@@ -61,7 +62,7 @@ class ElasticRanks:
         return sum(layer.rank for layer in self._layer_list)
 
     def adapter_bytes(self) -> int:
-        return adapter_bytes(self.shapes, [l.rank for l in self._layer_list], self.state_cost, self.fixed_bytes)
+        return adapter_bytes(self.shapes, [l.rank for l in self._layer_list], self.cost, self.fixed_bytes)
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> RoundRecord | None:
         if not self.schedule.updates_scores(step):
@@ -72,7 +73,7 @@ class ElasticRanks:
 
     def plan(self, b: int) -> RoundPlan:
         views = [LayerView(s, l.rank, triplet_scores(l)) for s, l in zip(self.shapes, self._layer_list)]
-        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.state_cost, self.fixed_bytes,
+        return plan_round(views, b, self.k, self.r_min, self.budget_bytes, self.cost, self.fixed_bytes,
                           self.max_total_rank, self.per_byte)
 
     def run_round(self, step: int, b: int, optimizer: torch.optim.Optimizer | None) -> RoundRecord:

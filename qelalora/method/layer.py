@@ -13,33 +13,19 @@ with it. Where the triplets start is `qelalora.method.starts`' job.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import starts
+from .base_weight import base_weight_shape
 from .config import REGULARISER_FORMS, SCALINGS
 
 ADAPTER_TENSORS = ("lora_A", "lora_E", "lora_B")
 # Dimension along which each adapter tensor holds its triplets.
 TRIPLET_DIM = {"lora_A": 0, "lora_E": 0, "lora_B": 1}
-
-
-def base_weight_shape(base: nn.Module) -> tuple[int, int]:
-    """(d_out, d_in) of an nn.Linear or a bitsandbytes Linear4bit."""
-    return base.out_features, base.in_features
-
-
-def dequantized_base_weight(base: nn.Module) -> torch.Tensor:
-    """The base weight as a dense fp32 matrix (dequantised if it is NF4)."""
-    weight = base.weight
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is None:
-        return weight.detach().float()
-    import bitsandbytes.functional as bnbf
-
-    return bnbf.dequantize_4bit(weight.data, quant_state).float()
 
 
 def scaling_for(alpha: float, r0: int, rule: str = "rank") -> float:
@@ -154,3 +140,37 @@ class ElaLoRALinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, rank={self.rank}, r0={self.r0}, "
             f"alpha={self.alpha}, scaling={self.scaling:g}, start={self.start}"
         )
+
+
+def measure_adapter_bytes(
+    layers: Sequence[ElaLoRALinear], extra_params: Sequence[torch.nn.Parameter], optimizer: torch.optim.Optimizer | None
+) -> int:
+    """Adapter-state bytes read off the real tensors.
+
+    Counts each trainable tensor's value, its gradient as the same size (it
+    exists at the step's peak, whether or not it is allocated right now), every
+    tensor in its optimiser state (shared ones once), and the score EMAs.
+    """
+    seen: set[int] = set()
+    total = 0
+
+    def count(t: torch.Tensor) -> None:
+        nonlocal total
+        key = t.data_ptr() if t.numel() else id(t)
+        if key in seen:
+            return
+        seen.add(key)
+        total += t.numel() * t.element_size()
+
+    params = [p for layer in layers for p in layer.adapter_params()] + list(extra_params)
+    for p in params:
+        total += 2 * p.numel() * p.element_size()
+        if optimizer is not None:
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value):
+                    count(value)
+    for layer in layers:
+        for name in ADAPTER_TENSORS:
+            for buf in layer.score_buffers(name):
+                total += buf.numel() * buf.element_size()
+    return total

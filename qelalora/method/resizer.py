@@ -18,11 +18,11 @@ from collections.abc import Sequence
 import torch
 
 from .allocator import RoundPlan
+from .budget import BNB_BLOCK
 from .layer import ADAPTER_TENSORS, TRIPLET_DIM, ElaLoRALinear, score_dim
 from .starts import new_triplets
 
 _FIRST_MOMENTS = {"exp_avg", "state1"}  # new entries start at zero; other moments at the survivors' mean
-_BNB_BLOCK = 256
 _BNB_AUX = ("qmap", "absmax")  # bitsandbytes' quantisation maps and block scales: rebuilt, never sliced
 
 
@@ -54,9 +54,9 @@ def _resize_optimizer_state(state: dict, old_shape: torch.Size, keep: torch.Tens
 
             suffix = key[-1]
             code, absmax = state[f"qmap{suffix}"], state[f"absmax{suffix}"]
-            dense = bnbf.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=_BNB_BLOCK)
+            dense = bnbf.dequantize_blockwise(value, absmax=absmax, code=code, blocksize=BNB_BLOCK)
             dense = _resize_moment(dense, keep, n_new, dim, key in _FIRST_MOMENTS)
-            quantized, qstate = bnbf.quantize_blockwise(dense.contiguous(), code=code, blocksize=_BNB_BLOCK)
+            quantized, qstate = bnbf.quantize_blockwise(dense.contiguous(), code=code, blocksize=BNB_BLOCK)
             state[key], state[f"absmax{suffix}"] = quantized, qstate.absmax
         else:
             state[key] = _resize_moment(value, keep, n_new, dim, key in _FIRST_MOMENTS)

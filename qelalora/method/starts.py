@@ -18,13 +18,11 @@ orthogonal to the kept ones; E = 1e-13).
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 
+from .base_weight import dequantized_base_weight
 from .config import STARTS
 
 NEW_TRIPLET_E = 1e-13
@@ -93,57 +91,6 @@ def new_triplets(layer, kept_a: torch.Tensor, kept_b: torch.Tensor, n: int, gene
     return new_a, torch.full((n,), NEW_TRIPLET_E), new_b
 
 
-# ---------------------------------------------------------------- the residual start
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        return [model_dir / n for n in names]
-    return sorted(model_dir.glob("*.safetensors"))
-
-
-def _local_folder(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
-
-
-def full_precision_weights(name_or_path: str, paths: Sequence[str], prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's own (unquantised) weight of each module path, one at a time, as fp32.
-
-    Checkpoints name tensors with or without the model's base prefix (`bert.`,
-    `model.`), so both spellings are tried.
-    """
-    from safetensors import safe_open
-
-    from ..errors import UserError
-
-    files = _weight_files(_local_folder(name_or_path))
-    if not files:
-        raise UserError(f"the residual start needs the model's safetensors weights; none found for {name_or_path!r}")
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(f, framework="pt") as handle:
-            for key in handle.keys():
-                where[key] = f
-    for path in paths:
-        candidates = [f"{path}.weight"]
-        if prefix and path.startswith(prefix + "."):
-            candidates.append(f"{path[len(prefix) + 1:]}.weight")
-        elif prefix:
-            candidates.append(f"{prefix}.{path}.weight")
-        key = next((k for k in candidates if k in where), None)
-        if key is None:
-            raise UserError(f"the residual start cannot find {path}'s weight in {name_or_path!r} (tried {candidates})")
-        with safe_open(where[key], framework="pt") as handle:
-            yield path, handle.get_tensor(key).float()
-
-
 @torch.no_grad()
 def apply_residual(layer, full_weight: torch.Tensor, seed: int = 0) -> float:
     """Start `layer` at the best rank-r fit of W - deq(W0); returns the share of the error it removes.
@@ -151,8 +98,6 @@ def apply_residual(layer, full_weight: torch.Tensor, seed: int = 0) -> float:
     s B diag(E) A = U_r S_r V_r^T, so A and B are orthonormal and E holds the
     error's singular values divided by s.
     """
-    from .layer import dequantized_base_weight
-
     rank = layer.rank
     residual = full_weight.to(torch.float32) - dequantized_base_weight(layer.base).cpu()
     if min(residual.shape) <= EXACT_SVD_MAX:

@@ -1,1 +1,1 @@
-"""One training job: recipe, data, the loop, checkpoints, the run folder's outputs (adapters, reports) and its lock."""
+"""One training job, by the flow: the recipe -> data -> plan -> train -> the run folder it writes."""

@@ -1,9 +1,9 @@
 """Adapters on disk: qelalora's own format and a PEFT LoRA copy.
 
-- `adapter/`: `adapter.safetensors` (A, E, B per live layer; head tensors) and
-  `adapter_config.json` (base model, alpha, start, and r0, rank and scaling s
-  per layer).
-- `peft/`: the same adapter in PEFT's LoRA format (`s B diag(E)` folded into
+- qelalora's format: a safetensors file (A, E, B per live layer; head tensors)
+  and a JSON config (base model, alpha, start, and r0, rank and scaling s per
+  layer). The run folder's `adapter/` holds one (file names: `.layout`).
+- PEFT's LoRA format, the run folder's `peft/`: the same adapter (`s B diag(E)` folded into
   `lora_B`, per-layer ranks in `rank_pattern`, `alpha_pattern` = rank so that
   PEFT's scaling is 1), loadable by PEFT and by ONNX Runtime GenAI's builder.
 Both are written atomically and read with safetensors only.
@@ -11,7 +11,6 @@ Both are written atomically and read with safetensors only.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,10 +19,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ..atomic import write_json_atomic
-from ..errors import RunDirError
-from ..method.layer import ADAPTER_TENSORS, ElaLoRALinear
-from ..base.models import wrap_linears
+from qelalora.errors import RunDirError
+from qelalora.method.layer import ADAPTER_TENSORS, ElaLoRALinear
+from qelalora.base.models import wrap_linears
+from .layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_WEIGHTS, read_json, write_json_atomic
 
 ADAPTER_FORMAT = "qelalora-elalora-1"
 
@@ -56,9 +55,9 @@ def save_adapter(
             tensors[f"{name}.{t}"] = getattr(layer, t)
     for name, value in heads.items():
         tensors[f"head/{name}"] = value
-    save_safetensors_atomic(tensors, out / "adapter.safetensors", {"format": ADAPTER_FORMAT})
+    save_safetensors_atomic(tensors, out / ADAPTER_WEIGHTS, {"format": ADAPTER_FORMAT})
     write_json_atomic(
-        out / "adapter_config.json",
+        out / ADAPTER_CONFIG,
         {
             "format": ADAPTER_FORMAT,
             "base_model": base_model,
@@ -89,9 +88,9 @@ def save_peft_lora(
         tensors[f"base_model.model.{name}"] = value
     ranks = {name: layer.rank for name, layer in live.items()}
     r = max(ranks.values(), default=1)
-    save_safetensors_atomic(tensors, out / "adapter_model.safetensors", {"format": "pt"})
+    save_safetensors_atomic(tensors, out / PEFT_WEIGHTS, {"format": "pt"})
     write_json_atomic(
-        out / "adapter_config.json",
+        out / ADAPTER_CONFIG,
         {
             "peft_type": "LORA",
             "task_type": {"seq-cls": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}[task],
@@ -114,8 +113,8 @@ def save_peft_lora(
 def load_adapter(model: nn.Module, adapter_dir: Path) -> dict[str, ElaLoRALinear]:
     """Wrap `model`'s target layers and load a saved adapter (ranks as saved, heads included)."""
     try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-        tensors = load_file(adapter_dir / "adapter.safetensors")
+        config = read_json(adapter_dir / ADAPTER_CONFIG)
+        tensors = load_file(adapter_dir / ADAPTER_WEIGHTS)
     except (OSError, ValueError) as err:
         raise RunDirError(f"cannot read the adapter in {adapter_dir}: {err}") from None
     if config.get("format") != ADAPTER_FORMAT:

@@ -16,12 +16,13 @@ import gc
 
 import torch
 
-from ..base.footprint import Footprint, PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes, release_free_heap
-from .data import evaluate
-from .job import _loss, build_run
-from .plan import EVAL_BATCH_FACTOR, MemoryPlan
-from .recipe import Recipe
-from .training import train_step
+from qelalora.base.footprint import Footprint, PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes, release_free_heap
+from .evaluate import evaluate
+from .build import Run, build_run
+from ..plan.memory_plan import EVAL_BATCH_FACTOR, MemoryPlan
+from ..recipe import Recipe
+from qelalora.units import mib
+from .step import model_loss, train_step
 
 
 def longest_batch(task: str, batch: int, seq: int, vocab: int, num_labels: int, device: str) -> dict:
@@ -64,17 +65,13 @@ def measure(recipe: Recipe, steps: int = 2) -> tuple[MemoryPlan, dict]:
     batch = longest_batch(run.spec.task, t.batch_size, recipe.data.max_length, run.model.config.vocab_size,
                           recipe.model.num_labels, run.device)
     for _ in range(steps):
-        train_step(run.state, batch, _loss)
+        train_step(run.state, batch, model_loss)
     step_peak = torch.cuda.max_memory_allocated() if cuda else rss.peak() - baseline
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     release_free_heap()  # as `evaluate` does first, before the high-water mark restarts
     rss.reset()
-    held_out = [{"input_ids": row.tolist()} for row in longest_batch(
-        run.spec.task, EVAL_BATCH_FACTOR * t.batch_size, recipe.data.max_length, run.model.config.vocab_size,
-        recipe.model.num_labels, "cpu")["input_ids"]]
-    if run.spec.task == "seq-cls":
-        held_out = [{**e, "labels": 0} for e in held_out]
+    held_out = _longest_held_out(run)
 
     def evaluation():
         evaluate(run.model, held_out, run.spec.task, len(held_out), run.data.pad_id, run.device)
@@ -92,33 +89,47 @@ def measure(recipe: Recipe, steps: int = 2) -> tuple[MemoryPlan, dict]:
                      "eval_peak_above_resident": max(0, eval_peak - resident)},
     }
     if not cuda:  # the same figures over tensors only, as CUDA counts them (optimiser state exists by now)
-        gc.collect()
-        at_rest = live_tensor_bytes() - tensors_before
-        with TensorBytes() as counted:
-            train_step(run.state, batch, _loss)
-        with TensorBytes() as counted_eval:
-            evaluation()
-        result["tensors"] = {"resident": at_rest, "peak": at_rest + max(counted.peak, counted_eval.peak),
-                             "step_peak_above_resident": counted.peak, "eval_peak_above_resident": counted_eval.peak}
+        result["tensors"] = _tensor_figures(run, batch, evaluation, tensors_before)
     return run.plan, result
+
+
+def _longest_held_out(run: Run) -> list[dict]:
+    """One evaluation batch of the longest examples the recipe allows."""
+    t, recipe = run.recipe.train, run.recipe
+    held_out = [{"input_ids": row.tolist()} for row in longest_batch(
+        run.spec.task, EVAL_BATCH_FACTOR * t.batch_size, recipe.data.max_length, run.model.config.vocab_size,
+        recipe.model.num_labels, "cpu")["input_ids"]]
+    return [{**e, "labels": 0} for e in held_out] if run.spec.task == "seq-cls" else held_out
+
+
+def _tensor_figures(run: Run, batch: dict, evaluation, tensors_before: int) -> dict:
+    """One more step and evaluation under `TensorBytes`: the figures over tensors only, as CUDA counts them."""
+    gc.collect()
+    at_rest = live_tensor_bytes() - tensors_before
+    with TensorBytes() as counted:
+        train_step(run.state, batch, model_loss)
+    with TensorBytes() as counted_eval:
+        evaluation()
+    return {"resident": at_rest, "peak": at_rest + max(counted.peak, counted_eval.peak),
+            "step_peak_above_resident": counted.peak, "eval_peak_above_resident": counted_eval.peak}
 
 
 def describe(result: dict) -> str:
     p, m, tensors = result["predicted"], result["measured"], result.get("tensors")
     cuda = tensors is None  # on CUDA the measured figures are tensors already
 
-    def mib(n: int | None) -> str:
-        return f"{n / 2**20:9.1f}" if n is not None else f"{'':9s}"
+    def column(n: int | None) -> str:
+        return f"{mib(n):9.1f}" if n is not None else f"{'':9s}"
 
     def ratio(measured: int | None, predicted: int | None) -> str:
         return f"{measured / predicted:6.2f}x" if measured is not None and predicted else f"{'':7s}"
 
     def row(name: str, predicted: int | None, key: str, process_predicted: int | None = None) -> str:
         counted = m[key] if cuda else tensors.get(key)
-        line = f"  {name:<32s}{mib(predicted)} {mib(counted)} {ratio(counted, predicted)}"
+        line = f"  {name:<32s}{column(predicted)} {column(counted)} {ratio(counted, predicted)}"
         if cuda:
             return line
-        return line + f" {mib(process_predicted)} {mib(m[key])} {ratio(m[key], process_predicted)}"
+        return line + f" {column(process_predicted)} {column(m[key])} {ratio(m[key], process_predicted)}"
 
     head = f"  {'':32s}{'predicted':>9s} {'tensors':>9s} {'ratio':>7s}" + (
         "" if cuda else f" {'predicted':>9s} {'process':>9s} {'ratio':>7s}")
@@ -132,7 +143,7 @@ def describe(result: dict) -> str:
         f"{'; torch.cuda.max_memory_allocated' if cuda else ''}), MiB:",
         head,
         row("model + adapters (+ data, RSS)", p["resident"], "resident", p.get("process_resident")),
-        *([] if cuda else [f"  {'loading peak':<32s}{mib(p.get('load_peak'))} {mib(None)} {'':7s} {mib(None)} {mib(m['load_peak'])}"]),
+        *([] if cuda else [f"  {'loading peak':<32s}{column(p.get('load_peak'))} {column(None)} {'':7s} {column(None)} {column(m['load_peak'])}"]),
         row("steps above that (activations)", p["activations"], "step_peak_above_resident"),
         row("evaluation above that", p["evaluation"] or None, "eval_peak_above_resident"),
         row("peak", p["total"], "peak", p.get("process_total")),

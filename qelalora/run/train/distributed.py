@@ -24,6 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -32,7 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..errors import UserError
+from qelalora.errors import UserError
 
 T = TypeVar("T")
 
@@ -188,3 +191,28 @@ def seed_process(procs: Processes, seed: int, step: int = 0) -> None:
     """A dropout stream of its own for every process but the main one (which keeps the one-process stream)."""
     if procs.rank > 0:
         torch.manual_seed(seed * 1_000_003 + 7919 * step + procs.rank)
+
+
+SHUTDOWN_TIMEOUT_S = 600
+
+
+def relaunch(nproc: int, train_args: list[str], progress: bool) -> None:
+    """`qelalora train --nproc N`: run `qelalora train ARGS` under torchrun with N processes on this machine, and
+    exit with its code."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--nproc starts torchrun itself; under torchrun, leave it out")
+    # --shutdown-timeout: after Ctrl-C or SIGTERM, workers finish the step and write a checkpoint before torchrun
+    # would SIGKILL them (its default is 30 s)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}",
+               "-m", "qelalora", "train", *train_args, *([] if progress else ["--no-progress"])]
+    child = subprocess.Popen(command)
+    # Ctrl-C from the terminal reaches the workers themselves; a SIGTERM sent to this process is passed on.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGTERM))}
+    try:
+        code = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    sys.exit(code)

@@ -35,11 +35,11 @@ from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..base import embedded
-from ..errors import DataError
+from qelalora.base import embedded
+from qelalora.errors import DataError
 from . import sources
 from .chat import chat_examples, pack
-from .recipe import DataSection
+from ..recipe import DataSection
 
 BUILTIN = sources.BUILTIN
 MAX_FIELD_CHARS = 1_000_000

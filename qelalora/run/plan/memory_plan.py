@@ -14,16 +14,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..base import embedded
-from ..base.footprint import (C_HEAP_MMAP_LIMIT, Footprint, activation_bytes, base_bytes, eval_bytes, fmt_mib,
-                              largest_dequantized_bytes, loading_bytes, process_bytes)
-from ..base.hub import go_offline_if_unreachable
-from ..base.models import arch_spec, head_modules, head_params, select_targets, target_paths, wrap_linears
-from ..errors import UserError
-from ..method.budget import RankPlan
-from .recipe import Recipe
+from qelalora.base import embedded
+from qelalora.base.footprint import C_HEAP_MMAP_LIMIT, Footprint, activation_bytes, base_bytes, eval_bytes, largest_dequantized_bytes, loading_bytes, process_bytes
+from qelalora.units import fmt_mib
+from qelalora.base.hub import go_offline_if_unreachable
+from qelalora.base.models import arch_spec, head_modules, head_params, select_targets, target_paths, wrap_linears
+from qelalora.errors import UserError
+from qelalora.method.budget import RankPlan
+from ..recipe import Recipe
 from .trace import TracedBytes, trace_step_bytes
-from .training import plan_ranks, target_shapes
+from ..train.step import plan_ranks, target_shapes
 
 
 EVAL_BATCH_FACTOR = 2  # evaluation batches are twice the training batch (no autograd state to hold)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..base.footprint import TensorBytes
+from qelalora.base.footprint import TensorBytes
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..method.budget import LayerShape, RankPlan, StateCost, head_bytes, plan_initial_rank
-from ..method.config import ElaLoRAConfig
-from ..method.elastic import ElasticRanks
-from ..method.layer import ElaLoRALinear, base_weight_shape
-from ..base.models import wrap_linears
-from ..method.starts import apply_residual, full_precision_weights
+from qelalora.method.budget import LayerShape, RankPlan, StateCost, head_bytes, plan_initial_rank
+from qelalora.method.config import OPTIMIZERS, ElaLoRAConfig
+from qelalora.method.elastic import ElasticRanks
+from qelalora.method.layer import ElaLoRALinear
+from qelalora.method.base_weight import base_weight_shape
+from qelalora.base.models import base_model_prefix, wrap_linears
+from qelalora.method.starts import apply_residual
+from qelalora.base.checkpoint_reads import full_precision_weights
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 GradientHook = Callable[[Sequence[nn.Parameter], object, float], float]
 """Called after backward with (trainable parameters, batch, task loss); returns the loss to report. Several
-processes average their gradients here (run/distributed.py)."""
+processes average their gradients here (run/train/distributed.py)."""
 RoundHook = Callable[[int, dict[str, int]], None]
 """Called after every rank round with (step, rank pattern)."""
 
@@ -59,7 +61,7 @@ def build_optimizer(params, name: str, lr: float, weight_decay: float = 0.0, for
 
         # min_8bit_size=0: every tensor gets 8-bit state, so its bytes are one exact formula.
         return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay, min_8bit_size=0)
-    raise ValueError(f"unknown optimiser {name!r}; choose 'adamw' or 'adamw8bit'")
+    raise ValueError(f"unknown optimiser {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def param_groups(layers: Sequence[ElaLoRALinear], heads: Sequence[nn.Parameter], lr: float, cfg: ElaLoRAConfig) -> list[dict]:
@@ -84,9 +86,9 @@ def target_shapes(model: nn.Module, paths: Sequence[str]) -> list[LayerShape]:
 
 def plan_ranks(shapes: Sequence[LayerShape], head_numels: Sequence[int], cfg: ElaLoRAConfig) -> tuple[StateCost, int, RankPlan]:
     """The optimiser's cost model, the fixed bytes (heads + shared state) and the initial rank plan."""
-    state_cost = StateCost(cfg.optimizer, cfg.score_state)
-    fixed = head_bytes(head_numels, state_cost) + state_cost.shared_bytes()
-    return state_cost, fixed, plan_initial_rank(shapes, cfg.budget_bytes, state_cost, fixed, cfg.rank, cfg.max_init_rank, cfg.r_min)
+    cost = StateCost(cfg.optimizer, cfg.score_state)
+    fixed = head_bytes(head_numels, cost) + cost.shared_bytes()
+    return cost, fixed, plan_initial_rank(shapes, cfg.budget_bytes, cost, fixed, cfg.rank, cfg.max_init_rank, cfg.r_min)
 
 
 def prepare_training(
@@ -114,7 +116,7 @@ def prepare_training(
     torch.manual_seed(seed)
 
     shapes = target_shapes(model, paths)
-    state_cost, fixed, rank_plan = plan_ranks(shapes, [p.numel() for p in heads], cfg)
+    cost, fixed, rank_plan = plan_ranks(shapes, [p.numel() for p in heads], cfg)
     layers = wrap_linears(
         model, paths, rank_plan.rank, cfg.alpha, cfg.dropout, cfg.init_std, seed=seed,
         start=cfg.init, scaling=cfg.scaling, score_state=cfg.score_state,
@@ -122,8 +124,7 @@ def prepare_training(
     if cfg.init == "residual":
         if weights_from is None:
             raise ValueError("the residual start needs weights_from: the model's folder or hub id")
-        prefix = model.base_model_prefix if model.base_model is not model else ""
-        for path, weight in full_precision_weights(weights_from, paths, prefix):
+        for path, weight in full_precision_weights(weights_from, paths, base_model_prefix(model)):
             apply_residual(layers[path], weight, seed)
     heads = list(heads)
     optimizer = build_optimizer(param_groups(list(layers.values()), heads, lr, cfg), cfg.optimizer, lr, weight_decay, foreach)
@@ -133,7 +134,7 @@ def prepare_training(
         shapes=shapes,
         schedule=cfg.schedule(total_steps),
         budget_bytes=cfg.budget_bytes,
-        state_cost=state_cost,
+        cost=cost,
         fixed_bytes=fixed,
         k=cfg.k,
         r_min=cfg.r_min,
@@ -191,3 +192,8 @@ def train(
         if on_step is not None:
             on_step(state, loss)
     return losses
+
+
+def model_loss(model, batch) -> torch.Tensor:
+    """The loss a transformers model computes itself from the batch's labels."""
+    return model(**batch).loss

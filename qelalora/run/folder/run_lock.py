@@ -13,9 +13,8 @@ import os
 import socket
 from pathlib import Path
 
-from ..errors import RunDirError
-
-LOCK_NAME = ".qelalora.lock"
+from qelalora.errors import RunDirError
+from .layout import LOCK_NAME
 
 
 class RunLock:

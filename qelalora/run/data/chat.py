@@ -11,8 +11,8 @@ end-of-turn tokens included.
 
 from __future__ import annotations
 
-from ..errors import DataError
-from .recipe import DataSection
+from qelalora.errors import DataError
+from ..recipe import DataSection
 
 IGNORE = -100
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..base.hub import go_offline_if_unreachable
-from ..errors import DataError, UserError
-from .recipe import DataSection
+from qelalora.base.hub import go_offline_if_unreachable
+from qelalora.errors import DataError, UserError
+from ..recipe import DataSection
 
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 HUB_PREFIX = "hf:"

@@ -1,11 +1,11 @@
 """Checkpoints that survive being killed at any moment, and that hold no pickle.
 
-A checkpoint is a folder `checkpoints/step-NNNNNNNN/` with
-- `tensors.safetensors`: adapters (current shapes), heads, score EMAs,
+A checkpoint is a folder named by its step (`RunFolder.checkpoint(step)`) with
+- TENSORS (safetensors): adapters (current shapes), heads, score EMAs,
   optimiser moments, RNG states;
-- `state.json`: step, scheduler, optimiser hyper-parameters and scalars,
+- STATE (JSON): step, scheduler, optimiser hyper-parameters and scalars,
   allocator history, data position;
-- `manifest.json`: SHA-256 of both files, written last.
+- MANIFEST (JSON): SHA-256 of both files, written last.
 It is written under a temporary name, fsynced, then renamed, so a folder with
 the final name is complete; an old one is renamed away before it is deleted,
 so a kill during the deletion never leaves a half-deleted folder behind; a
@@ -24,10 +24,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import write_json_atomic
-from ..errors import UserError
-from ..method.layer import ADAPTER_TENSORS
-from .training import TrainState
+from ..folder.layout import CHECKPOINT_MANIFEST as MANIFEST
+from ..folder.layout import CHECKPOINT_PREFIX as PREFIX
+from ..folder.layout import CHECKPOINT_STATE as STATE
+from ..folder.layout import CHECKPOINT_TENSORS as TENSORS
+from ..folder.layout import RunFolder, write_json_atomic
+from qelalora.errors import UserError
+from qelalora.method.layer import ADAPTER_TENSORS
+from .step import TrainState
 
 
 class CheckpointWriteError(UserError):
@@ -35,8 +39,6 @@ class CheckpointWriteError(UserError):
 
     exit_code = 5
 
-TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
-PREFIX = "step-"
 
 
 def _sha256(path: Path) -> str:
@@ -113,10 +115,10 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dic
     intact one, so any later one was damaged) and are removed. A checkpoint of the same step (a stop that lands
     on a checkpoint step saves twice) is replaced only once the new one is in place.
     """
-    root = run_dir / "checkpoints"
+    final = RunFolder(run_dir).checkpoint(state.step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{state.step:08d}"
-    tmp = root / f".partial-{PREFIX}{state.step:08d}"
+    tmp = root / f".partial-{final.name}"
     for stale in [*root.glob(f".partial-{PREFIX}*"), *root.glob(f".discarded-{PREFIX}*")]:  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
@@ -161,7 +163,7 @@ def _rename_away(checkpoint: Path) -> Path:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / "checkpoints"
+    root = RunFolder(run_dir).checkpoints
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))

@@ -1,8 +1,6 @@
-"""What a finished run reports: rank pattern and pictures (adapters: `adapter_io`).
-
-- `rank_pattern.json`: initial and final rank per layer, and every round.
-- `rank_final.png`, `rank_heatmap.png`: rank per layer at the end, and over rounds.
-"""
+"""What a finished run reports: its rank pattern (initial and final rank per layer, and every round), two
+pictures of it (rank per layer at the end, and over rounds), and the summary `qelalora report` prints.
+Adapters are `adapter_io`'s; file names are `layout`'s."""
 
 from __future__ import annotations
 
@@ -11,8 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import write_json_atomic
-from ..method.elastic import ElasticRanks
+from qelalora.errors import RunDirError
+from qelalora.method.elastic import ElasticRanks
+from qelalora.units import fmt_mib
+from .layout import RunFolder, read_json, write_json_atomic
 
 def rank_history(ranks: ElasticRanks) -> dict:
     return {
@@ -43,7 +43,7 @@ def short_layer_name(path: str) -> str:
     return path
 
 
-def plot_ranks(history: dict, out_dir: Path) -> list[Path]:
+def plot_ranks(history: dict, folder: RunFolder) -> list[Path]:
     """Bar chart of final ranks per layer and a heatmap of rank per layer over rounds."""
     import matplotlib
 
@@ -61,7 +61,7 @@ def plot_ranks(history: dict, out_dir: Path) -> list[Path]:
     ax.set_title(f"Final rank per layer (total {history['total_rank']['final']}, initial {history['total_rank']['initial']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(out_dir / "rank_final.png")
+    paths.append(folder.rank_pictures[0])
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -77,17 +77,33 @@ def plot_ranks(history: dict, out_dir: Path) -> list[Path]:
     ax.set_title("Rank per layer over training")
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
-    paths.append(out_dir / "rank_heatmap.png")
+    paths.append(folder.rank_pictures[1])
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
 
 
-def write_rank_pattern(run_dir: Path, ranks: ElasticRanks) -> dict:
+def write_rank_pattern(folder: RunFolder, ranks: ElasticRanks) -> dict:
     history = rank_history(ranks)
-    write_json_atomic(run_dir / "rank_pattern.json", history)
+    write_json_atomic(folder.rank_pattern, history)
     return history
 
 
-def load_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+def summarise(folder: RunFolder) -> str:
+    """`qelalora report`: the run's summary, rank and memory in a few lines; its rank pictures are redrawn."""
+    folder.require((folder.report, folder.rank_pattern, folder.memory), "a finished run")
+    try:
+        summary, history, memory = (read_json(p) for p in (folder.report, folder.rank_pattern, folder.memory))
+        pictures = plot_ranks(history, folder)
+        return (
+            f"run {folder.path}: {summary['steps']} steps in {summary['seconds']} s\n"
+            f"  metrics: {json.dumps(summary['metrics'])}\n"
+            f"  total rank {summary['total_rank']['initial']} -> {summary['total_rank']['final']} over {summary['rank_rounds']} rounds; "
+            f"adapter state {fmt_mib(summary['adapter_bytes_final'], 2)} of {fmt_mib(summary['budget_bytes'], 0)}\n"
+            f"  memory: predicted {fmt_mib(memory['footprint']['total_bytes'], 0)}, "
+            f"measured {fmt_mib(memory['measured_training_bytes'], 0)} for training "
+            f"(peak {fmt_mib(memory['measured_peak_bytes'], 0)}, {memory['measured']})\n"
+            f"  pictures: {', '.join(str(p) for p in pictures)}"
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunDirError(f"{folder.path} holds malformed run metadata ({type(err).__name__}: {err})") from None
