@@ -90,3 +90,22 @@ def test_train_resume_and_export(family_dir, tmp_path, capsys):
     assert code == 0, err
     info = json.loads((tmp_path / "onnx" / "qelalora_export.json").read_text())["formats"]["nf4-adapters"]
     assert info["parity"]["max_abs_logit_diff"] <= 1e-3 * info["parity"]["logit_scale"]
+
+
+def test_short_target_names_match_the_layers_of_any_architecture(tmp_path, capsys):
+    """The SmolLM2 recipe's targets (q, k, v, o, gate, up, down) adapt Gemma-3's seven projections as they adapt
+    Llama's, without model.targets=all-linear: a short name matches a linear named `<name>` or `<name>_proj`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    folder = _save(AutoModelForCausalLM.from_config(_config("gemma3_text")), tmp_path / "gemma3")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"def add(a, b):\n    return a + b  # {i}"}) + "\n" for i in range(200)))
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "-r", "smollm2-135m-python-docs", "--model", folder, "--data", str(data),
+                           "--steps", "4", "--budget-mb", "1", "-o", str(run), "--no-progress",
+                           *[a for s in ("data.max_length=24", "data.val_size=16", "data.test_size=16", "train.batch_size=2",
+                                         "train.eval_every=0", "train.checkpoint_every=0") for a in ("--set", s)])
+    assert code == 0, err
+    adapted = set(json.loads((run / "rank_pattern.json").read_text())["initial"])
+    assert adapted == {f"model.layers.{i}.{p}" for i in range(2) for p in FAMILIES["gemma3_text"][1]}

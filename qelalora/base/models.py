@@ -151,25 +151,32 @@ def discover_spec(config, task: str = "auto") -> ArchSpec:
 
 
 def select_targets(spec: ArchSpec, targets: Sequence[str] | str | None) -> list[str]:
-    """Target keys from a recipe: None or "all-linear" = all; otherwise short names, in-block paths or regexes
-    (full match on the in-block path, e.g. "self_attn\\..*_proj")."""
+    """Target keys from a recipe: None or "all-linear" = all; otherwise the table's short names, in-block paths,
+    names of the layers themselves (`q` or `q_proj` matches `self_attn.q_proj` in any architecture, as PEFT
+    matches a module name's end) or regexes (full match on the in-block path, e.g. "self_attn\\..*_proj")."""
     if targets is None or targets == "all-linear":
         return list(spec.targets)
     chosen: list[str] = []
     for t in [targets] if isinstance(targets, str) else targets:
-        if t in spec.targets:
-            matches = [t]
-        else:
-            try:
-                pattern = re.compile(t)
-            except re.error as err:
-                raise ModelError(f"target {t!r} is neither a name nor a valid regular expression ({err})") from None
-            matches = [k for k, rel in spec.targets.items() if pattern.fullmatch(rel) or pattern.fullmatch(k)]
+        matches = [t] if t in spec.targets else _by_layer_name(spec, t) or _by_pattern(spec, t)
         if not matches:
             raise ModelError(f"target {t!r} matches no linear; this architecture has {list(spec.targets)} "
                              "(model.targets: all-linear takes them all)")
         chosen += [m for m in matches if m not in chosen]
     return chosen
+
+
+def _by_layer_name(spec: ArchSpec, name: str) -> list[str]:
+    """Keys of the linears whose own name (the in-block path's last part) is `name` or `<name>_proj`."""
+    return [k for k, rel in spec.targets.items() if rel.rpartition(".")[2] in (name, f"{name}_proj")]
+
+
+def _by_pattern(spec: ArchSpec, pattern: str) -> list[str]:
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise ModelError(f"target {pattern!r} is neither a name nor a valid regular expression ({err})") from None
+    return [k for k, rel in spec.targets.items() if compiled.fullmatch(rel) or compiled.fullmatch(k)]
 
 
 def _is_linear(module: nn.Module) -> bool:
