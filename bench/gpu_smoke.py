@@ -47,8 +47,8 @@ def sync(device: str) -> None:
 
 
 def qelalora_runner(path: str, device: str, rank: int, batch: int, seq: int, steps: int, checkpointing: bool):
-    from qelalora.run.plan.memory_plan import memory_plan
     from qelalora.base.models import head_params, load_base_model, target_paths
+    from qelalora.run.plan.memory_plan import memory_plan
     from qelalora.run.recipe import load_recipe
     from qelalora.run.train.step import prepare_training, train_step
 

@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from qelalora.export.quantise import WeightOnly, quantise_weights  # noqa: E402
 from qelalora.export.graph_files import referenced_files  # noqa: E402
 from qelalora.export.layout import format_info  # noqa: E402
+from qelalora.export.quantise import WeightOnly, quantise_weights  # noqa: E402
 from qelalora.export.runtime import EdgeModel  # noqa: E402
 from qelalora.export.trained import heldout_examples, load_trained, seeded_sample  # noqa: E402
 from qelalora.run.train.evaluate import evaluate  # noqa: E402

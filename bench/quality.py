@@ -164,8 +164,9 @@ def elalora_config(cell: Cell, t: dict):
     """qelalora's settings for a cell: its defaults, then the variant's changes, then the task's schedule."""
     from dataclasses import replace
 
-    from qelalora.method.config import PRESETS, ElaLoRAConfig, steps_of
     from variants import VARIANTS
+
+    from qelalora.method.config import PRESETS, ElaLoRAConfig, steps_of
 
     options = dict(VARIANTS[cell.variant]) if cell.variant else {}
     preset = options.pop("preset", None)
@@ -280,7 +281,7 @@ class PeftMethod:
         from transformers import get_linear_schedule_with_warmup
 
         from qelalora.base.models import head_params
-        from qelalora.run.train.step import target_shapes
+        from qelalora.run.plan.ranks import target_shapes
 
         torch.manual_seed(cell.seed)
         heads = head_params(model, spec)
@@ -395,10 +396,10 @@ def run_cell(cell: Cell, threads: int) -> dict:
 
     from qelalora.base import embedded
     from qelalora.base.footprint import PeakRSS, current_rss_bytes
-    from qelalora.run.data.batches import BatchStream
-    from qelalora.run.train.evaluate import evaluate
     from qelalora.base.models import load_base_model, target_paths
+    from qelalora.run.data.batches import BatchStream
     from qelalora.run.recipe import load_recipe
+    from qelalora.run.train.evaluate import evaluate
 
     torch.set_num_threads(threads)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

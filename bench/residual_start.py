@@ -29,11 +29,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from qelalora.base import embedded
-    from qelalora.run.train.evaluate import evaluate
-    from qelalora.base.models import load_base_model, target_paths, wrap_linears
-    from qelalora.run.recipe import load_recipe
-    from qelalora.method.starts import apply_residual
     from qelalora.base.checkpoint_reads import full_precision_weights
+    from qelalora.base.models import load_base_model, target_paths, wrap_linears
+    from qelalora.method.starts import apply_residual
+    from qelalora.run.recipe import load_recipe
+    from qelalora.run.train.evaluate import evaluate
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 32])

@@ -73,11 +73,11 @@ def run(task: str, rank: int, seed: int) -> dict:
     from transformers import AutoTokenizer
 
     from qelalora.base import embedded
+    from qelalora.base.models import head_params, load_base_model, target_paths
     from qelalora.method.allocator import LayerView, plan_round
     from qelalora.method.budget import StateCost, layer_bytes
-    from qelalora.run.data.batches import BatchStream
     from qelalora.method.importance import triplet_scores, update_importance
-    from qelalora.base.models import head_params, load_base_model, target_paths
+    from qelalora.run.data.batches import BatchStream
     from qelalora.run.recipe import load_recipe
     from qelalora.run.train.step import prepare_training, train_step
 

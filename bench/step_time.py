@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from qelalora.method.config import ElaLoRAConfig
 from qelalora.base.embedded import minilm_path
-from qelalora.method.importance import update_importance
 from qelalora.base.models import head_params, load_base_model, target_paths
+from qelalora.method.config import ElaLoRAConfig
+from qelalora.method.importance import update_importance
 from qelalora.run.train.step import orthogonality_regulariser, prepare_training
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

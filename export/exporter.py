@@ -19,21 +19,22 @@ import numpy as np
 import torch
 
 from qelalora.base.footprint import release_free_heap
-from qelalora.run.data.batches import collate
 from qelalora.errors import RunDirError, UserError
+from qelalora.run.data.batches import collate
 from qelalora.run.folder.layout import RunFolder, read_json, write_json_atomic
 from qelalora.units import fmt_mib
 
-from . import genai, graphs, layout, parity, streamed
+from . import genai, graphs, layout
 from . import mobile as mobile_format
+from . import parity, streamed
 from .graph_files import move_graph, unreferenced_files, write_graph
 from .layout import ADAPTER_FILE, SUMMARY
 from .modules import branch_matrices, nf4_adapter_model
 from .prune import DEFAULT_THRESHOLD, prune_adapters
-from .runtime import open_export
 from .quantise import CALIBRATION_EXAMPLES, WeightOnly, quantise_dynamic_int8, quantise_weights
-from .web import PAGE, node_modules, write_page
+from .runtime import open_export
 from .trained import TrainedRun, heldout_examples, load_trained, seeded_sample, set_tokenizer_aside
+from .web import PAGE, node_modules, write_page
 
 FORMATS = ("merged-fp32", "merged-fp16", "merged-int4", "merged-int8", "merged-int8-dynamic", "nf4-adapters", "swappable",
            "genai")

@@ -20,8 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
-from qelalora.run.folder.layout import RunFolder, write_json_atomic
 from qelalora.errors import RunDirError, UserError
+from qelalora.run.folder.layout import RunFolder, write_json_atomic
 
 from .graph_files import referenced_files
 

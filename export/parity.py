@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qelalora.run.train.evaluate import evaluate
 from qelalora.errors import UserError
+from qelalora.run.train.evaluate import evaluate
 
 # Max |logit difference| allowed per format, per unit of the largest |logit| (at least 1): a 30-layer
 # LM with logits near 20 accumulates fp32 rounding that a 2-class head does not. None: report the

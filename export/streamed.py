@@ -24,8 +24,8 @@ import torch.nn as nn
 
 from qelalora.base.footprint import release_free_heap
 from qelalora.errors import UserError
-from qelalora.method.layer import ElaLoRALinear
 from qelalora.method.base_weight import dequantized_base_weight
+from qelalora.method.layer import ElaLoRALinear
 
 from .graph_files import write_graph
 from .quantise import WeightOnly

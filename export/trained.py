@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from qelalora.base import embedded
+from qelalora.base.models import ArchSpec, load_base_model
+from qelalora.method.layer import ElaLoRALinear
+from qelalora.run.data.records import TaskData, load_task_data
 from qelalora.run.folder.adapter_io import load_adapter
 from qelalora.run.folder.layout import RunFolder, read_json
-from qelalora.run.data.records import TaskData, load_task_data
-from qelalora.method.layer import ElaLoRALinear
-from qelalora.base.models import ArchSpec, load_base_model
-from qelalora.run.recipe import Recipe, recipe_from_dict, read_yaml
+from qelalora.run.recipe import Recipe, read_yaml, recipe_from_dict
+
 
 @dataclass
 class TrainedRun:

@@ -8,11 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from qelalora.errors import UserError
-from qelalora.run.train import distributed
-from qelalora.run.train.step import model_loss
-from qelalora.run.train.build import build_run
 from qelalora.run.recipe import load_recipe
-from qelalora.run.train.step import train_step
+from qelalora.run.train import distributed
+from qelalora.run.train.build import build_run
+from qelalora.run.train.step import model_loss, train_step
 
 
 def train(rank: int, world: int, port: int, recipe_path: str, out: str, steps: int, perturb: bool = False) -> None:

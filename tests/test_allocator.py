@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from qelalora.method.allocator import LayerView, plan_round
-from qelalora.method.schedule import Schedule
 from qelalora.method.budget import LayerShape, StateCost, adapter_bytes, layer_bytes
+from qelalora.method.schedule import Schedule
 
 ADAMW = StateCost("adamw")
 BIG = 10**12

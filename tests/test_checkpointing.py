@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from qelalora.method.config import ElaLoRAConfig
 from qelalora.base.models import head_params, load_base_model, target_paths
+from qelalora.method.config import ElaLoRAConfig
 from qelalora.run.train.step import prepare_training
 from tests.cli_helpers import run_cli
 from tests.helpers import cls_batches, hf_loss, lm_batches

@@ -8,8 +8,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qelalora.run.folder.adapter_io import load_adapter
 from qelalora.base.models import load_base_model
+from qelalora.run.folder.adapter_io import load_adapter
 from tests.cli_helpers import cli_process, run_cli, write_cls_data, write_lm_data, write_recipe
 
 RUN_FILES = {

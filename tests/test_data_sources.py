@@ -8,8 +8,8 @@ import pytest
 
 from qelalora.errors import DataError
 from qelalora.run.data.chat import IGNORE, pack
-from qelalora.run.recipe import DataSection
 from qelalora.run.data.records import load_task_data
+from qelalora.run.recipe import DataSection
 from tests.cli_helpers import NEGATIVE, POSITIVE, run_cli, write_recipe
 from tests.conftest import tiny_tokenizer
 

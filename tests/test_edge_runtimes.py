@@ -38,8 +38,8 @@ def js_dir():
 
 
 def _train(tmp_path_factory, name, model_dir, causal):
-    from qelalora.run.train.loop import run_train
     from qelalora.run.recipe import load_recipe
+    from qelalora.run.train.loop import run_train
 
     folder = tmp_path_factory.mktemp(name)
     data = write_lm_data(folder / "d.jsonl") if causal else write_cls_data(folder / "d.jsonl")

@@ -30,8 +30,8 @@ def _train(tmp_path_factory, name, model_dir, causal, **elalora):
     data = write_lm_data(folder / "d.jsonl") if causal else write_cls_data(folder / "d.jsonl")
     recipe = write_recipe(folder / "r.yaml", model_dir, data, causal=causal,
                           elalora={"budget_mb": 0.3, "t_init": 5, "t_final": 8, "delta": 3, "b0": 3, **elalora})
-    from qelalora.run.train.loop import run_train
     from qelalora.run.recipe import load_recipe
+    from qelalora.run.train.loop import run_train
 
     run_train(load_recipe(str(recipe)), folder / "run", progress=False, log=lambda *a: None)
     return folder / "run"
@@ -117,8 +117,8 @@ def test_swappable_runs_two_adapters_with_different_ranks(bert_run, tiny_bert_di
     ranks_first = json.loads((tmp_path / "graph" / "qelalora_export.json").read_text())["ranks"]
     assert ranks_first != ranks_other
 
-    from qelalora.run.data.batches import collate
     from qelalora.export.trained import heldout_examples, load_trained
+    from qelalora.run.data.batches import collate
 
     edge = EdgeModel(tmp_path / "graph")
     for run, adapter in ((bert_run, None), (other, tmp_path / "other.onnx_adapter")):
@@ -202,8 +202,8 @@ def test_failed_parity_exits_6_and_writes_nothing(capsys, bert_run, tmp_path, mo
 def test_encoder_export_opens_with_optimum_and_names_its_task(bert_run, tmp_path):
     from optimum.onnxruntime import ORTModelForSequenceClassification
 
-    from qelalora.run.data.batches import collate
     from qelalora.export.trained import heldout_examples, load_trained
+    from qelalora.run.data.batches import collate
 
     export_run(bert_run, tmp_path / "out", "merged-fp32", log=lambda *a: None)
     config = json.loads((tmp_path / "out" / "config.json").read_text())

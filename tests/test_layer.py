@@ -2,9 +2,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qelalora.method.layer import ElaLoRALinear
-from qelalora.method.base_weight import dequantized_base_weight
 from qelalora.base.models import head_params, load_base_model, target_paths, wrap_linears
+from qelalora.method.base_weight import dequantized_base_weight
+from qelalora.method.layer import ElaLoRALinear
 
 bnb = pytest.importorskip("bitsandbytes")
 

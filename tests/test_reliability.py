@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qelalora.run.train import checkpoint as ckpt
 from qelalora.errors import UserError
 from qelalora.run.recipe import recipe_from_dict
+from qelalora.run.train import checkpoint as ckpt
 from tests.cli_helpers import run_cli, write_cls_data, write_recipe
 
 FUZZ_CASES = {"recipe": 300, "recipe_text": 300, "data": 200, "metadata": 100, "chat": 100}
@@ -64,7 +64,7 @@ def test_killed_while_an_old_checkpoint_is_deleted_leaves_no_broken_one(tmp_path
     def killed_half_way(path, *args, **kwargs):
         path = Path(path)
         if path.name.startswith(".discarded-") and path.exists():
-            (path / ckpt.TENSORS).unlink()  # the first file is gone, then the process dies
+            (path / ckpt.CHECKPOINT_TENSORS).unlink()  # the first file is gone, then the process dies
             raise _Killed
         return real(path, *args, **kwargs)
 
@@ -101,7 +101,7 @@ def test_rotation_keeps_the_newest_up_to_the_step_written(tmp_path, light_checkp
     """After a resume from step 4 (step 6 was damaged), writing step 5 removes step 6 and never step 5 itself."""
     for step in (4, 6):
         light_checkpoints(tmp_path, step, 3)
-    (tmp_path / "checkpoints" / "step-00000006" / ckpt.TENSORS).write_bytes(b"damaged")
+    (tmp_path / "checkpoints" / "step-00000006" / ckpt.CHECKPOINT_TENSORS).write_bytes(b"damaged")
     light_checkpoints(tmp_path, 5, keep)
     assert [c.name for c in ckpt.list_checkpoints(tmp_path)] == left
     assert all(ckpt.verify(c) is None for c in ckpt.list_checkpoints(tmp_path))
@@ -216,8 +216,8 @@ class _SplitTokenizer:
         lambda rows: ("text,label\n" + "\n".join(f'"{t}",{l}' for t, l in rows)).encode("utf-8", "surrogatepass")),
 ), st.sampled_from(["seq-cls", "causal-lm"]))
 def test_fuzzed_data_files(tmp_path, suffix, content, task):
-    from qelalora.run.recipe import DataSection
     from qelalora.run.data.records import load_task_data
+    from qelalora.run.recipe import DataSection
 
     path = tmp_path / f"data{suffix}"
     path.write_bytes(content)
@@ -236,8 +236,8 @@ message = st.dictionaries(st.sampled_from(["role", "content", "name"]),
 @given(st.lists(st.dictionaries(st.sampled_from(["messages", "text"]), st.lists(message, max_size=4) | json_values,
                                 max_size=2), max_size=6), st.booleans())
 def test_fuzzed_chat_records(tmp_path, records, packing):
-    from qelalora.run.recipe import DataSection
     from qelalora.run.data.records import load_task_data
+    from qelalora.run.recipe import DataSection
     from tests.conftest import tiny_tokenizer
     from tests.test_data_sources import CHAT_TEMPLATE
 

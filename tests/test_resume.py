@@ -6,7 +6,6 @@ import signal
 import time
 
 import pytest
-
 import torch
 from safetensors.torch import load_file
 

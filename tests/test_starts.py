@@ -6,15 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from qelalora.method.layer import measure_adapter_bytes
+from qelalora.base.models import head_params, load_base_model, target_paths
+from qelalora.method.base_weight import dequantized_base_weight
 from qelalora.method.config import PRESETS, ElaLoRAConfig
 from qelalora.method.importance import triplet_scores, update_importance
-from qelalora.method.layer import ElaLoRALinear
-from qelalora.method.base_weight import dequantized_base_weight
-from qelalora.base.models import head_params, load_base_model, target_paths
-from qelalora.run.recipe import load_recipe
+from qelalora.method.layer import ElaLoRALinear, measure_adapter_bytes
 from qelalora.method.resizer import resize_layer
 from qelalora.method.starts import LORA_ROW_NORM, apply_residual
+from qelalora.run.recipe import load_recipe
 from qelalora.run.train.step import prepare_training, train
 from tests.helpers import cls_batches, hf_loss, lm_batches
 

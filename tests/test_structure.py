@@ -56,6 +56,29 @@ def test_no_import_cycles():
             visit(name, [name])
 
 
+# Each stage imports only the stages before it: recipe -> data -> plan -> train -> run folder -> export.
+LATER_STAGES = {
+    "qelalora.method": ("qelalora.base", "qelalora.run", "qelalora.export", "qelalora.cli"),
+    "qelalora.base": ("qelalora.run", "qelalora.export", "qelalora.cli"),
+    "qelalora.run.recipe": ("qelalora.run.data", "qelalora.run.plan", "qelalora.run.train", "qelalora.run.folder"),
+    "qelalora.run.data": ("qelalora.run.plan", "qelalora.run.train", "qelalora.run.folder"),
+    "qelalora.run.plan": ("qelalora.run.train", "qelalora.run.folder"),
+    "qelalora.run.folder": ("qelalora.run.train", "qelalora.run.plan", "qelalora.run.data"),
+    "qelalora.run": ("qelalora.export", "qelalora.cli"),
+}
+
+
+def test_each_stage_imports_only_earlier_ones():
+    modules = _modules()
+    upward = []
+    for name, path in modules.items():
+        for stage, later in LATER_STAGES.items():
+            if name == stage or name.startswith(stage + "."):
+                upward += [f"{name} -> {dep}" for dep in sorted(_imports(name, path, modules))
+                           if any(dep == s or dep.startswith(s + ".") for s in later)]
+    assert not upward, upward
+
+
 RUN_FOLDER_NAMES = ("recipe.yaml", "memory_plan.json", "metrics.jsonl", "adapter.safetensors", "adapter_config.json",
                     "adapter_model.safetensors", "rank_pattern.json", "rank_final.png", "rank_heatmap.png",
                     "memory.json", "report.json", ".qelalora.lock", "tensors.safetensors", "state.json",
@@ -91,3 +114,12 @@ def test_the_command_line_reads_no_files():
     text = (ROOT / "qelalora" / "cli.py").read_text()
     found = re.findall(r"\b(open\(|read_text|read_bytes|json\.load|iterdir|glob\()", text)
     assert not found, found
+
+
+def test_every_package_is_installed():
+    """pyproject.toml names the packages one by one: a new sub-package must be added there, or a wheel lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in _modules().items() if path.name == "__init__.py"}
+    assert packages <= listed, sorted(packages - listed)

@@ -2,9 +2,9 @@ import torch
 import torch.nn as nn
 from transformers import get_linear_schedule_with_warmup
 
-from qelalora.method.layer import measure_adapter_bytes
-from qelalora.method.config import ElaLoRAConfig
 from qelalora.base.models import head_params, load_base_model, target_paths
+from qelalora.method.config import ElaLoRAConfig
+from qelalora.method.layer import measure_adapter_bytes
 from qelalora.run.train.step import prepare_training, train
 from tests.helpers import cls_batches, hf_loss, lm_batches
 

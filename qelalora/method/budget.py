@@ -13,9 +13,9 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .config import OPTIMIZERS, SCORE_STATES
 from ..errors import UserError
 from ..units import fmt_mib, mib
+from .config import OPTIMIZERS, SCORE_STATES
 
 FP32 = 4
 BF16 = 2

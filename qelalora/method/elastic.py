@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .allocator import LayerView, RoundPlan, plan_round
-from .schedule import Schedule
 from .budget import LayerShape, StateCost, adapter_bytes
 from .importance import triplet_scores, update_importance
 from .layer import ElaLoRALinear
 from .resizer import apply_plan
+from .schedule import Schedule
 
 
 @dataclass

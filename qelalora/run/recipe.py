@@ -16,9 +16,9 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import RecipeError
 from ..method.config import (ALLOCATIONS, GAMMA_DECAYS, OPTIMIZERS, PRESETS, REGULARISER_FORMS, SCALINGS, SCORE_STATES,
                              STARTS, ElaLoRAConfig)
-from ..errors import RecipeError
 
 MAX_RECIPE_BYTES = 1 << 20
 DEFAULT_RECIPE = "minilm-l6-rotten-tomatoes"  # the embedded default job

@@ -12,6 +12,7 @@ end-of-turn tokens included.
 from __future__ import annotations
 
 from qelalora.errors import DataError
+
 from ..recipe import DataSection
 
 IGNORE = -100

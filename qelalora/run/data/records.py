@@ -37,9 +37,10 @@ from pathlib import Path
 
 from qelalora.base import embedded
 from qelalora.errors import DataError
+
+from ..recipe import DataSection
 from . import sources
 from .chat import chat_examples, pack
-from ..recipe import DataSection
 
 BUILTIN = sources.BUILTIN
 MAX_FIELD_CHARS = 1_000_000

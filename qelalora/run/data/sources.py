@@ -17,6 +17,7 @@ from pathlib import Path
 
 from qelalora.base.hub import go_offline_if_unreachable
 from qelalora.errors import DataError, UserError
+
 from ..recipe import DataSection
 
 FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}

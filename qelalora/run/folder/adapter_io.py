@@ -19,9 +19,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from qelalora.base.models import wrap_linears
 from qelalora.errors import RunDirError
 from qelalora.method.layer import ADAPTER_TENSORS, ElaLoRALinear
-from qelalora.base.models import wrap_linears
+
 from .layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_WEIGHTS, read_json, write_json_atomic
 
 ADAPTER_FORMAT = "qelalora-elalora-1"

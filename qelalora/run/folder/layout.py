@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...errors import RunDirError
+from qelalora.errors import RunDirError
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter_config.json"  # in any adapter folder
 PEFT_WEIGHTS = "adapter_model.safetensors"  # PEFT's name; its config is ADAPTER_CONFIG too

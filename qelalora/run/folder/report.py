@@ -12,7 +12,9 @@ import torch
 from qelalora.errors import RunDirError
 from qelalora.method.elastic import ElasticRanks
 from qelalora.units import fmt_mib
+
 from .layout import RunFolder, read_json, write_json_atomic
+
 
 def rank_history(ranks: ElasticRanks) -> dict:
     return {

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from qelalora.errors import RunDirError
+
 from .layout import LOCK_NAME
 
 

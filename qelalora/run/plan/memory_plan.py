@@ -15,16 +15,17 @@ from dataclasses import dataclass, replace
 import torch
 
 from qelalora.base import embedded
-from qelalora.base.footprint import C_HEAP_MMAP_LIMIT, Footprint, activation_bytes, base_bytes, eval_bytes, largest_dequantized_bytes, loading_bytes, process_bytes
-from qelalora.units import fmt_mib
+from qelalora.base.footprint import (C_HEAP_MMAP_LIMIT, Footprint, activation_bytes, base_bytes, eval_bytes,
+                                     largest_dequantized_bytes, loading_bytes, process_bytes)
 from qelalora.base.hub import go_offline_if_unreachable
 from qelalora.base.models import arch_spec, head_modules, head_params, select_targets, target_paths, wrap_linears
 from qelalora.errors import UserError
 from qelalora.method.budget import RankPlan
-from ..recipe import Recipe
-from .trace import TracedBytes, trace_step_bytes
-from ..train.step import plan_ranks, target_shapes
+from qelalora.units import fmt_mib
 
+from ..recipe import Recipe
+from .ranks import plan_ranks, target_shapes
+from .trace import TracedBytes, trace_step_bytes
 
 EVAL_BATCH_FACTOR = 2  # evaluation batches are twice the training batch (no autograd state to hold)
 

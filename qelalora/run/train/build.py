@@ -12,6 +12,7 @@ from qelalora.base import embedded
 from qelalora.base.footprint import release_free_heap
 from qelalora.base.models import ArchSpec, head_params, load_base_model, target_paths
 from qelalora.method.config import steps_of
+
 from ..data.batches import BatchStream
 from ..data.records import TaskData, load_task_data
 from ..plan.memory_plan import MemoryPlan, memory_plan, resolve_device

@@ -1,11 +1,11 @@
 """Checkpoints that survive being killed at any moment, and that hold no pickle.
 
 A checkpoint is a folder named by its step (`RunFolder.checkpoint(step)`) with
-- TENSORS (safetensors): adapters (current shapes), heads, score EMAs,
+- CHECKPOINT_TENSORS (safetensors): adapters (current shapes), heads, score EMAs,
   optimiser moments, RNG states;
-- STATE (JSON): step, scheduler, optimiser hyper-parameters and scalars,
+- CHECKPOINT_STATE (JSON): step, scheduler, optimiser hyper-parameters and scalars,
   allocator history, data position;
-- MANIFEST (JSON): SHA-256 of both files, written last.
+- CHECKPOINT_MANIFEST (JSON): SHA-256 of both files, written last.
 It is written under a temporary name, fsynced, then renamed, so a folder with
 the final name is complete; an old one is renamed away before it is deleted,
 so a kill during the deletion never leaves a half-deleted folder behind; a
@@ -24,13 +24,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..folder.layout import CHECKPOINT_MANIFEST as MANIFEST
-from ..folder.layout import CHECKPOINT_PREFIX as PREFIX
-from ..folder.layout import CHECKPOINT_STATE as STATE
-from ..folder.layout import CHECKPOINT_TENSORS as TENSORS
-from ..folder.layout import RunFolder, write_json_atomic
 from qelalora.errors import UserError
 from qelalora.method.layer import ADAPTER_TENSORS
+
+from ..folder.layout import (CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CHECKPOINT_STATE, CHECKPOINT_TENSORS, RunFolder,
+                             write_json_atomic)
 from .step import TrainState
 
 
@@ -119,16 +117,17 @@ def save_checkpoint(run_dir: Path, state: TrainState, extra: dict, rng: list[dic
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".partial-{final.name}"
-    for stale in [*root.glob(f".partial-{PREFIX}*"), *root.glob(f".discarded-{PREFIX}*")]:  # left by a killed run
+    for stale in [*root.glob(f".partial-{CHECKPOINT_PREFIX}*"), *root.glob(f".discarded-{CHECKPOINT_PREFIX}*")]:  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     replaced = None
     try:
         tensors, meta = collect(state, extra, rng)
-        save_file(tensors, tmp / TENSORS)
-        write_json_atomic(tmp / STATE, meta)
-        _fsync(tmp / TENSORS)
-        write_json_atomic(tmp / MANIFEST, {"step": state.step, TENSORS: _sha256(tmp / TENSORS), STATE: _sha256(tmp / STATE)})
+        save_file(tensors, tmp / CHECKPOINT_TENSORS)
+        write_json_atomic(tmp / CHECKPOINT_STATE, meta)
+        _fsync(tmp / CHECKPOINT_TENSORS)
+        write_json_atomic(tmp / CHECKPOINT_MANIFEST, {"step": state.step, **{name: _sha256(tmp / name) for name in
+                                                                            (CHECKPOINT_TENSORS, CHECKPOINT_STATE)}})
         if final.exists():
             replaced = _rename_away(final)
         os.replace(tmp, final)
@@ -166,16 +165,16 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = RunFolder(run_dir).checkpoints
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
 
 
 def verify(path: Path) -> str | None:
     """None if the checkpoint is intact, else what is wrong with it."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text())
     except (OSError, ValueError):
         return "its manifest is missing or unreadable"
-    for name in (TENSORS, STATE):
+    for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE):
         if not (path / name).is_file():
             return f"{name} is missing"
         if _sha256(path / name) != manifest.get(name):
@@ -201,8 +200,8 @@ def load_checkpoint(path: Path, state: TrainState, process: int = 0) -> dict:
     written by fewer processes), and the caller seeds it.
     """
     # clone: fresh allocations are aligned as the originals were; BLAS results can depend on alignment
-    tensors = {k: v.clone() for k, v in load_file(path / TENSORS).items()}
-    meta = json.loads((path / STATE).read_text())
+    tensors = {k: v.clone() for k, v in load_file(path / CHECKPOINT_TENSORS).items()}
+    meta = json.loads((path / CHECKPOINT_STATE).read_text())
     params = state.trainable_params()
     if meta["param_names"] != _param_names(state):
         raise ValueError("the checkpoint was made for a different set of trainable tensors")

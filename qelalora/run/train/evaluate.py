@@ -10,6 +10,7 @@ import math
 import torch
 
 from qelalora.base.footprint import release_free_heap
+
 from ..data.batches import eval_batches
 
 

@@ -12,6 +12,7 @@ import contextlib
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,12 @@ from qelalora.base import embedded
 from qelalora.base.footprint import current_rss_bytes, measured_peak
 from qelalora.errors import Interrupted, OutOfMemory, RunDirError, TrainingDiverged
 from qelalora.units import fmt_mib, mib
+
 from ..folder import adapter_io, report
 from ..folder.layout import RunFolder, write_json_atomic
 from ..folder.run_lock import RunLock
 from ..plan.memory_plan import EVAL_BATCH_FACTOR, resolve_device
-from ..recipe import Recipe, dump_recipe, recipe_from_dict, read_yaml
+from ..recipe import Recipe, dump_recipe, read_yaml, recipe_from_dict
 from . import checkpoint as ckpt
 from . import distributed
 from .build import Run, build_run
@@ -130,7 +132,7 @@ class _Session:
 
     folder: RunFolder
     procs: Processes
-    log: object
+    log: Callable[..., None]
     started: float  # wall clock of the run's start (earlier sessions' time taken off on resume)
     baseline_rss: int  # the RSS before planning and loading: measured memory counts above it
     run: Run | None = None

@@ -16,12 +16,14 @@ import gc
 
 import torch
 
-from qelalora.base.footprint import Footprint, PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes, release_free_heap
-from .evaluate import evaluate
-from .build import Run, build_run
+from qelalora.base.footprint import (Footprint, PeakRSS, TensorBytes, current_rss_bytes, live_tensor_bytes,
+                                     release_free_heap)
+from qelalora.units import mib
+
 from ..plan.memory_plan import EVAL_BATCH_FACTOR, MemoryPlan
 from ..recipe import Recipe
-from qelalora.units import mib
+from .build import Run, build_run
+from .evaluate import evaluate
 from .step import model_loss, train_step
 
 

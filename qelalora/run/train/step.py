@@ -16,14 +16,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from qelalora.method.budget import LayerShape, RankPlan, StateCost, head_bytes, plan_initial_rank
+from qelalora.base.checkpoint_reads import full_precision_weights
+from qelalora.base.models import base_model_prefix, wrap_linears
+from qelalora.method.budget import RankPlan
 from qelalora.method.config import OPTIMIZERS, ElaLoRAConfig
 from qelalora.method.elastic import ElasticRanks
 from qelalora.method.layer import ElaLoRALinear
-from qelalora.method.base_weight import base_weight_shape
-from qelalora.base.models import base_model_prefix, wrap_linears
 from qelalora.method.starts import apply_residual
-from qelalora.base.checkpoint_reads import full_precision_weights
+
+from ..plan.ranks import plan_ranks, target_shapes
 
 LossFn = Callable[[nn.Module, object], torch.Tensor]
 GradientHook = Callable[[Sequence[nn.Parameter], object, float], float]
@@ -73,22 +74,6 @@ def param_groups(layers: Sequence[ElaLoRALinear], heads: Sequence[nn.Parameter],
         {"params": list(heads), "lr": lr},
     ]
     return [g for g in groups if g["params"]]
-
-
-def target_shapes(model: nn.Module, paths: Sequence[str]) -> list[LayerShape]:
-    """(d_in, d_out) of each target linear (works on the meta device too)."""
-    shapes = []
-    for path in paths:
-        d_out, d_in = base_weight_shape(model.get_submodule(path))
-        shapes.append(LayerShape(path, d_in, d_out))
-    return shapes
-
-
-def plan_ranks(shapes: Sequence[LayerShape], head_numels: Sequence[int], cfg: ElaLoRAConfig) -> tuple[StateCost, int, RankPlan]:
-    """The optimiser's cost model, the fixed bytes (heads + shared state) and the initial rank plan."""
-    cost = StateCost(cfg.optimizer, cfg.score_state)
-    fixed = head_bytes(head_numels, cost) + cost.shared_bytes()
-    return cost, fixed, plan_initial_rank(shapes, cfg.budget_bytes, cost, fixed, cfg.rank, cfg.max_init_rank, cfg.r_min)
 
 
 def prepare_training(
