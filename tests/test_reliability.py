@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from qelalora.errors import UserError
 from qelalora.run.recipe import recipe_from_dict
+from qelalora.run.folder.layout import CHECKPOINT_TENSORS
 from qelalora.run.train import checkpoint as ckpt
 from tests.cli_helpers import run_cli, write_cls_data, write_recipe
 
@@ -64,7 +65,7 @@ def test_killed_while_an_old_checkpoint_is_deleted_leaves_no_broken_one(tmp_path
     def killed_half_way(path, *args, **kwargs):
         path = Path(path)
         if path.name.startswith(".discarded-") and path.exists():
-            (path / ckpt.CHECKPOINT_TENSORS).unlink()  # the first file is gone, then the process dies
+            (path / CHECKPOINT_TENSORS).unlink()  # the first file is gone, then the process dies
             raise _Killed
         return real(path, *args, **kwargs)
 
@@ -101,7 +102,7 @@ def test_rotation_keeps_the_newest_up_to_the_step_written(tmp_path, light_checkp
     """After a resume from step 4 (step 6 was damaged), writing step 5 removes step 6 and never step 5 itself."""
     for step in (4, 6):
         light_checkpoints(tmp_path, step, 3)
-    (tmp_path / "checkpoints" / "step-00000006" / ckpt.CHECKPOINT_TENSORS).write_bytes(b"damaged")
+    (tmp_path / "checkpoints" / "step-00000006" / CHECKPOINT_TENSORS).write_bytes(b"damaged")
     light_checkpoints(tmp_path, 5, keep)
     assert [c.name for c in ckpt.list_checkpoints(tmp_path)] == left
     assert all(ckpt.verify(c) is None for c in ckpt.list_checkpoints(tmp_path))
@@ -135,16 +136,16 @@ def test_output_folder_not_writable(capsys, tmp_path, bert_recipe):
 
 
 def test_out_of_memory_gives_advice(capsys, tmp_path, bert_recipe, monkeypatch):
-    from qelalora.run.train import loop as job
+    from qelalora.run.train import loop
 
-    real = job.train_step
+    real = loop.train_step
 
     def oom_at_five(state, batch, loss_fn):
         if state.step == 4:
             raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 68719476736 bytes.")
         return real(state, batch, loss_fn)
 
-    monkeypatch.setattr(job, "train_step", oom_at_five)
+    monkeypatch.setattr(loop, "train_step", oom_at_five)
     run = tmp_path / "run"
     code, _, err = run_cli(capsys, "train", "-r", bert_recipe, "-o", str(run), "--no-progress")
     assert code == 4 and "step 5 ran out of memory" in err and "Lower train.batch_size (now 8)" in err

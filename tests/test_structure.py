@@ -56,7 +56,8 @@ def test_no_import_cycles():
             visit(name, [name])
 
 
-# Each stage imports only the stages before it: recipe -> data -> plan -> train -> run folder -> export.
+# Each stage imports only the stages before it (recipe -> data -> plan -> train); the run folder's package (names,
+# writers, readers) imports none of them, so that training writes through it and the exporter reads through it.
 LATER_STAGES = {
     "qelalora.method": ("qelalora.base", "qelalora.run", "qelalora.export", "qelalora.cli"),
     "qelalora.base": ("qelalora.run", "qelalora.export", "qelalora.cli"),

@@ -142,8 +142,6 @@ def one_tensor_at_a_time():
 
 def checkpoint_mapped() -> bool:
     """Whether a safetensors file is still mapped into this process (Linux; elsewhere False)."""
-    from pathlib import Path
-
     maps = Path("/proc/self/maps")
     return maps.exists() and any(line.rstrip().endswith(".safetensors") for line in maps.read_text().splitlines())
 

@@ -90,10 +90,13 @@ class RunFolder:
         """A run whose adapters were written: what `export` and loading a run back need."""
         self.require((self.recipe, self.adapter_weights, self.adapter_config), "a finished qelalora run", "; train it first")
 
+    def require_resumable(self) -> None:
+        self.require((self.recipe,), "a qelalora run directory", "; cannot resume")
+
     def prepare(self, resume: bool, overwrite: bool) -> None:
         """Check (resume) or empty (new run) a run folder that this process holds the lock of."""
         if resume:
-            self.require((self.recipe,), "a qelalora run directory", "; cannot resume")
+            self.require_resumable()
             return
         entries = [p for p in self.path.iterdir() if p.name != LOCK_NAME] if self.path.exists() else []
         if entries:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qelalora.errors import RunDirError
 
-from .layout import LOCK_NAME
+from .layout import RunFolder
 
 
 class RunLock:
@@ -23,7 +23,7 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         self.run_dir = run_dir
-        self.path = run_dir / LOCK_NAME
+        self.path = RunFolder(run_dir).lock
         self._fd: int | None = None
 
     def __enter__(self) -> RunLock:

@@ -38,7 +38,6 @@ class CheckpointWriteError(UserError):
     exit_code = 5
 
 
-
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

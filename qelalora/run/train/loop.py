@@ -78,8 +78,6 @@ def _memory_line(fp, measured: int, device: str) -> str:
             f"measured {fmt_mib(measured)} (peak RSS above the RSS before planning and loading)")
 
 
-
-
 def _silent(*args, **kwargs) -> None:
     pass
 
@@ -95,7 +93,7 @@ def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwr
         log, progress = _silent, False
     folder = RunFolder(run_dir)
     if resume:
-        folder.prepare(resume=True, overwrite=False)  # before the lock, which would create a missing folder
+        folder.require_resumable()  # before the lock, which would create a missing folder
         recipe = recipe_from_dict(read_yaml(folder.recipe), str(folder.recipe))
     device = distributed.start(procs, resolve_device(recipe.train.device))
     created = not run_dir.exists()
@@ -117,9 +115,12 @@ def run_train(recipe: Recipe | None, run_dir: Path, resume: bool = False, overwr
 
 def _train(recipe: Recipe, folder: RunFolder, resume: bool, progress: bool, log, procs: Processes, device: str) -> dict:
     """Build, start or resume, run the steps, then (main process) evaluate and write the outputs."""
-    session = _Session(folder, procs, log, started=time.time(), baseline_rss=current_rss_bytes())
-    session.run = build_run(recipe, log, procs, device)
-    session.resume() if resume else session.start()
+    started, baseline_rss = time.time(), current_rss_bytes()
+    session = _Session(build_run(recipe, log, procs, device), folder, procs, log, started, baseline_rss)
+    if resume:
+        session.resume()
+    else:
+        session.start()
     loop = session.train_steps(progress)
     if not procs.main:
         return {"steps": session.run.state.step}
@@ -130,12 +131,12 @@ def _train(recipe: Recipe, folder: RunFolder, resume: bool, progress: bool, log,
 class _Session:
     """One process's training session in a run folder: a fresh start, or a resume from its last checkpoint."""
 
+    run: Run
     folder: RunFolder
     procs: Processes
     log: Callable[..., None]
     started: float  # wall clock of the run's start (earlier sessions' time taken off on resume)
     baseline_rss: int  # the RSS before planning and loading: measured memory counts above it
-    run: Run | None = None
 
     def start(self) -> None:
         if self.procs.main:
@@ -179,9 +180,10 @@ class _Session:
         averager = state.after_backward if isinstance(state.after_backward, GradientAverager) else None
         with _StopFlag() as flag:
             while state.step < t.steps:
+                batch = {k: v.to(self.run.device) for k, v in next(self.run.stream).items()}
                 if averager is not None:
                     averager.stop_requested = flag.stop  # carried by the gradient all-reduce: all processes stop together
-                loss = self._step()
+                loss = self._step(batch)
                 self._after_step(loss, bar)
                 if averager.stop if averager is not None else flag.stop:
                     self.save_checkpoint()
@@ -192,10 +194,9 @@ class _Session:
         return {"steps": state.step - first_step, "seconds": round(time.perf_counter() - loop_started, 2),
                 "processes": self.procs.world}  # this session's training steps alone (no loading, no evaluation)
 
-    def _step(self) -> float:
+    def _step(self, batch: dict) -> float:
         """One training step; running out of memory or a non-finite loss stops with what to do next."""
         run, state = self.run, self.run.state
-        batch = {k: v.to(run.device) for k, v in next(run.stream).items()}
         try:
             loss = train_step(state, batch, model_loss)
         except (MemoryError, RuntimeError) as err:
