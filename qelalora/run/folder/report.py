@@ -63,7 +63,7 @@ def plot_ranks(history: dict, folder: RunFolder) -> list[Path]:
     ax.set_title(f"Final rank per layer (total {history['total_rank']['final']}, initial {history['total_rank']['initial']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    paths.append(folder.rank_pictures[0])
+    paths.append(folder.rank_final)
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
@@ -79,7 +79,7 @@ def plot_ranks(history: dict, folder: RunFolder) -> list[Path]:
     ax.set_title("Rank per layer over training")
     fig.colorbar(image, ax=ax, label="rank")
     fig.tight_layout()
-    paths.append(folder.rank_pictures[1])
+    paths.append(folder.rank_heatmap)
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths

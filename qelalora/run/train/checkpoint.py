@@ -16,7 +16,6 @@ the previous good one.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ from qelalora.errors import UserError
 from qelalora.method.layer import ADAPTER_TENSORS
 
 from ..folder.layout import (CHECKPOINT_MANIFEST, CHECKPOINT_PREFIX, CHECKPOINT_STATE, CHECKPOINT_TENSORS, RunFolder,
-                             write_json_atomic)
+                             read_json, write_json_atomic)
 from .step import TrainState
 
 
@@ -170,7 +169,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def verify(path: Path) -> str | None:
     """None if the checkpoint is intact, else what is wrong with it."""
     try:
-        manifest = json.loads((path / CHECKPOINT_MANIFEST).read_text())
+        manifest = read_json(path / CHECKPOINT_MANIFEST)
     except (OSError, ValueError):
         return "its manifest is missing or unreadable"
     for name in (CHECKPOINT_TENSORS, CHECKPOINT_STATE):
@@ -200,7 +199,7 @@ def load_checkpoint(path: Path, state: TrainState, process: int = 0) -> dict:
     """
     # clone: fresh allocations are aligned as the originals were; BLAS results can depend on alignment
     tensors = {k: v.clone() for k, v in load_file(path / CHECKPOINT_TENSORS).items()}
-    meta = json.loads((path / CHECKPOINT_STATE).read_text())
+    meta = read_json(path / CHECKPOINT_STATE)
     params = state.trainable_params()
     if meta["param_names"] != _param_names(state):
         raise ValueError("the checkpoint was made for a different set of trainable tensors")
